@@ -1,0 +1,175 @@
+"""Settings: built once from the environment and validated as a whole (SPEC §6).
+
+Every variable is checked at start, whether or not this run uses it; a bad value raises
+``ConfigError`` naming the variable, which the command line turns into exit code 2.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+DIGEST_PERIODS = ("daily", "hourly")
+EMAIL_BACKENDS = ("smtp", "file")
+SMTP_TLS_MODES = ("none", "starttls", "ssl")
+
+# Names of settings whose values must never be printed (logs, status, errors).
+SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token"})
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value we cannot use."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///alerts.db"
+    celery_broker_url: str = "redis://localhost:6379/0"
+    timezone: str = "Europe/Amsterdam"
+    digest_period: str = "daily"
+    hourly_digest_plans: frozenset[str] = frozenset()
+    app_base_url: str | None = None
+    max_attempts: int = 5
+    retry_base_seconds: int = 60
+    retry_max_seconds: int = 3600
+    sending_lease_seconds: int = 600
+    email_backend: str = "smtp"
+    outbox_dir: str = "outbox"
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_user: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_tls: str = "starttls"
+    smtp_timeout_seconds: float = 30.0
+    email_from: str = "EnergyRiskIQ Alerts <alerts@energyriskiq.com>"
+    telegram_bot_token: str | None = field(default=None, repr=False)
+    telegram_api_base: str = "https://api.telegram.org"
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = field(default=None, repr=False)
+    twilio_from: str | None = None
+    twilio_api_base: str = "https://api.twilio.com/2010-04-01"
+    http_timeout_seconds: float = 10.0
+    send_batch_size: int = 200
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def redacted(self) -> dict:
+        """All settings as a dict with secrets masked, safe to print."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = "***"
+            elif isinstance(value, frozenset):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        return cls(
+            database_url=r.text("DATABASE_URL", cls.database_url),
+            celery_broker_url=r.text("CELERY_BROKER_URL", cls.celery_broker_url),
+            timezone=r.timezone("ALERTS_TIMEZONE", cls.timezone),
+            digest_period=r.choice("ALERTS_DIGEST_PERIOD", DIGEST_PERIODS, cls.digest_period),
+            hourly_digest_plans=r.csv("ALERTS_HOURLY_DIGEST_PLANS"),
+            app_base_url=r.http_url("ALERTS_APP_BASE_URL"),
+            max_attempts=r.integer("ALERTS_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
+            retry_base_seconds=r.integer("ALERTS_RETRY_BASE_SECONDS", cls.retry_base_seconds, minimum=0),
+            retry_max_seconds=r.integer("ALERTS_RETRY_MAX_SECONDS", cls.retry_max_seconds, minimum=0),
+            sending_lease_seconds=r.integer("ALERTS_SENDING_LEASE_SECONDS", cls.sending_lease_seconds, minimum=1),
+            email_backend=r.choice("ALERTS_EMAIL_BACKEND", EMAIL_BACKENDS, cls.email_backend),
+            outbox_dir=r.text("ALERTS_OUTBOX_DIR", cls.outbox_dir),
+            smtp_host=r.optional("ALERTS_SMTP_HOST"),
+            smtp_port=r.integer("ALERTS_SMTP_PORT", cls.smtp_port, minimum=1, maximum=65535),
+            smtp_user=r.optional("ALERTS_SMTP_USER"),
+            smtp_password=r.optional("ALERTS_SMTP_PASSWORD"),
+            smtp_tls=r.choice("ALERTS_SMTP_TLS", SMTP_TLS_MODES, cls.smtp_tls),
+            smtp_timeout_seconds=r.number("ALERTS_SMTP_TIMEOUT_SECONDS", cls.smtp_timeout_seconds),
+            email_from=r.text("ALERTS_EMAIL_FROM", cls.email_from),
+            telegram_bot_token=r.optional("ALERTS_TELEGRAM_BOT_TOKEN"),
+            telegram_api_base=r.http_url("ALERTS_TELEGRAM_API_BASE") or cls.telegram_api_base,
+            twilio_account_sid=r.optional("ALERTS_TWILIO_ACCOUNT_SID"),
+            twilio_auth_token=r.optional("ALERTS_TWILIO_AUTH_TOKEN"),
+            twilio_from=r.optional("ALERTS_TWILIO_FROM"),
+            twilio_api_base=r.http_url("ALERTS_TWILIO_API_BASE") or cls.twilio_api_base,
+            http_timeout_seconds=r.number("ALERTS_HTTP_TIMEOUT_SECONDS", cls.http_timeout_seconds),
+            send_batch_size=r.integer("ALERTS_SEND_BATCH_SIZE", cls.send_batch_size, minimum=1),
+        )
+
+
+class _Reader:
+    """Reads and validates one variable at a time; empty counts as unset."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def optional(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = (self.optional(name) or default).lower()
+        if value not in allowed:
+            raise ConfigError(name, f"must be one of {', '.join(allowed)} (got {value!r})")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be a whole number (got {raw!r})") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(name, f"must be at least {minimum} (got {value})")
+        if maximum is not None and value > maximum:
+            raise ConfigError(name, f"must be at most {maximum} (got {value})")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be a number (got {raw!r})") from None
+        if not value > 0:
+            raise ConfigError(name, f"must be greater than 0 (got {raw!r})")
+        return value
+
+    def timezone(self, name: str, default: str) -> str:
+        value = self.optional(name) or default
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(name, f"unknown IANA time zone {value!r}") from None
+        return value
+
+    def csv(self, name: str) -> frozenset[str]:
+        raw = self.optional(name) or ""
+        return frozenset(part.strip() for part in raw.split(",") if part.strip())
+
+    def http_url(self, name: str) -> str | None:
+        value = self.optional(name)
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(name, "must be an absolute http(s) URL")
+        return value.rstrip("/")

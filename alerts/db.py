@@ -1,0 +1,166 @@
+"""Database access: engines, transactions, the dry-run wrapper, phase locks and
+migrations.
+
+Phases never open connections themselves: they ask a ``Database`` for
+``transaction()``. In a normal run each call is its own committed transaction; in a dry
+run every call is a SAVEPOINT inside one outer transaction that is rolled back at the
+end, so later phases see earlier phases' effects and nothing is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class NotMigrated(RuntimeError):
+    """The database schema is missing or behind the code."""
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    url_obj = sa.engine.make_url(url)
+    if url_obj.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url_obj, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    if url_obj.get_backend_name() == "postgresql" and url_obj.drivername == "postgresql":
+        url_obj = url_obj.set(drivername="postgresql+psycopg2")
+    return sa.create_engine(url_obj, pool_pre_ping=True, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Let SQLAlchemy, not pysqlite, drive transactions so SAVEPOINTs work, and take the
+    write lock at BEGIN so concurrent processes queue on busy_timeout instead of failing
+    with 'database is locked' when a reader upgrades."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_postgres(bind: Connection | Engine) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+class Database:
+    """What a phase gets: a way to run transactions, and whether this is a dry run."""
+
+    def __init__(self, engine: Engine, *, _dry_conn: Connection | None = None):
+        self.engine = engine
+        self._dry_conn = _dry_conn
+
+    @property
+    def dry_run(self) -> bool:
+        return self._dry_conn is not None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        if self._dry_conn is not None:
+            with self._dry_conn.begin_nested():
+                yield self._dry_conn
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    @classmethod
+    @contextmanager
+    def dry_run_of(cls, engine: Engine) -> Iterator["Database"]:
+        """A Database whose every transaction is rolled back at the end."""
+        with engine.connect() as conn:
+            outer = conn.begin()
+            try:
+                yield cls(engine, _dry_conn=conn)
+            finally:
+                outer.rollback()
+
+    @contextmanager
+    def phase_lock(self, name: str) -> Iterator[bool]:
+        """Hold the advisory lock of a phase for the duration of the block.
+
+        Yields False when another process holds it. The lock is transaction-level, taken
+        on its own connection whose transaction stays open until the block ends, so it
+        also works behind a transaction-pooling PgBouncer. SQLite has a single writer and
+        needs no lock.
+        """
+        if not self.is_postgres:
+            yield True
+            return
+        with self.engine.connect() as conn:
+            with conn.begin():
+                got = conn.execute(
+                    sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": lock_key(name)}
+                ).scalar()
+                yield bool(got)
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key per phase name."""
+    digest = hashlib.sha256(f"energyriskiq-alerts:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+# --- migrations -----------------------------------------------------------------------
+
+def alembic_config(url: str | None = None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str) -> str:
+    """Bring the database to head; safe to run again. Returns the head revision."""
+    from alembic import command
+
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "head")
+    return head_revision()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_migrated(engine: Engine) -> None:
+    """Raise NotMigrated unless the database is at the head revision."""
+    head = head_revision()
+    current = current_revision(engine)
+    if current != head:
+        state = "has no schema" if current is None else f"is at revision {current}, code expects {head}"
+        raise NotMigrated(f"the database {state}: run `alerts migrate` first")

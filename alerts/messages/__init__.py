@@ -1,0 +1,26 @@
+"""Rendering: events and digests into the message each channel sends (SPEC §5).
+
+Channels never render; phases render with this package and hand the result over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EmailMessage:
+    subject: str
+    text: str
+    html: str
+    message_id: str  # "<...@...>", deterministic per delivery / digest: the same on every retry
+    headers: dict[str, str] = field(default_factory=dict)  # extra headers, e.g. X-Alerts-Digest-Key
+
+
+@dataclass(frozen=True)
+class TextMessage:
+    """A Telegram message (HTML parse mode) or an SMS body (plain text)."""
+
+    text: str
+
+
+Message = EmailMessage | TextMessage

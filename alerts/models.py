@@ -1,0 +1,148 @@
+"""Table definitions (SQLAlchemy Core). The migrations in ``migrations/`` create them;
+these objects are what the phases query with."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+CHANNELS = ("email", "telegram", "sms")
+DIGEST_CHANNELS = ("email", "telegram")
+DELIVERY_KINDS = ("instant", "digest")
+EVENT_STATUSES = ("new", "ready", "rejected", "fanned_out")
+SEND_STATUSES = ("queued", "sending", "sent", "failed", "skipped")
+DIGEST_PERIODS = ("daily", "hourly")
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timestamps stored in UTC and always read back timezone-aware (also on SQLite)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC timestamp column")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if isinstance(value, str):  # SQLite server defaults come back as text
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("email", sa.Text),
+    sa.Column("telegram_chat_id", sa.Text),
+    sa.Column("phone", sa.Text),
+    sa.Column("plan", sa.Text, nullable=False, server_default="free"),
+    sa.Column("timezone", sa.Text),
+    sa.Column("digest_period", sa.Text),
+    sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint(
+        "digest_period IS NULL OR " + _in("digest_period", DIGEST_PERIODS), name="ck_users_digest_period"
+    ),
+)
+
+user_alert_prefs = sa.Table(
+    "user_alert_prefs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("alert_type", sa.Text, nullable=False),
+    sa.Column("region", sa.Text, nullable=False, server_default="*"),
+    sa.Column("min_severity", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("delivery_kind", sa.Text, nullable=False, server_default="instant"),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("user_id", "alert_type", "region", "channel", name="uq_prefs_user_type_region_channel"),
+    sa.CheckConstraint("min_severity BETWEEN 1 AND 5", name="ck_prefs_min_severity"),
+    sa.CheckConstraint(_in("channel", CHANNELS), name="ck_prefs_channel"),
+    sa.CheckConstraint(_in("delivery_kind", DELIVERY_KINDS), name="ck_prefs_delivery_kind"),
+)
+
+alert_events = sa.Table(
+    "alert_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("event_key", sa.Text, nullable=False, unique=True),
+    sa.Column("alert_type", sa.Text, nullable=False),
+    sa.Column("region", sa.Text),
+    sa.Column("severity", sa.Integer, nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("summary", sa.Text),
+    sa.Column("url", sa.Text),
+    sa.Column("payload", JSONType),
+    sa.Column("status", sa.Text, nullable=False, server_default="new"),
+    sa.Column("reject_reason", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint(_in("status", EVENT_STATUSES), name="ck_events_status"),
+)
+
+user_alert_deliveries = sa.Table(
+    "user_alert_deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("alert_event_id", sa.Integer, sa.ForeignKey("alert_events.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("delivery_kind", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="queued"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_retry_at", UTCDateTime),
+    sa.Column("last_error", sa.Text),
+    sa.Column("sent_at", UTCDateTime),
+    # When the current claim was taken; a `sending` row older than the lease is abandoned.
+    sa.Column("claimed_at", UTCDateTime),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("user_id", "alert_event_id", "channel", name="uq_deliveries_user_event_channel"),
+    sa.CheckConstraint(_in("channel", CHANNELS), name="ck_deliveries_channel"),
+    sa.CheckConstraint(_in("delivery_kind", DELIVERY_KINDS), name="ck_deliveries_delivery_kind"),
+    sa.CheckConstraint(_in("status", SEND_STATUSES), name="ck_deliveries_status"),
+    sa.CheckConstraint("attempts >= 0", name="ck_deliveries_attempts"),
+)
+
+# Partial indexes keep the "what is due" scans small however large history grows.
+sa.Index(
+    "ix_deliveries_due",
+    user_alert_deliveries.c.delivery_kind,
+    user_alert_deliveries.c.next_retry_at,
+    postgresql_where=user_alert_deliveries.c.status == "queued",
+    sqlite_where=user_alert_deliveries.c.status == "queued",
+)
+sa.Index(
+    "ix_deliveries_sending",
+    user_alert_deliveries.c.claimed_at,
+    postgresql_where=user_alert_deliveries.c.status == "sending",
+    sqlite_where=user_alert_deliveries.c.status == "sending",
+)
+sa.Index("ix_deliveries_event", user_alert_deliveries.c.alert_event_id)
+sa.Index(
+    "ix_events_status_new",
+    alert_events.c.status,
+    postgresql_where=alert_events.c.status.in_(("new", "ready")),
+    sqlite_where=alert_events.c.status.in_(("new", "ready")),
+)
+sa.Index("ix_prefs_match", user_alert_prefs.c.alert_type, user_alert_prefs.c.region)

@@ -1,0 +1,104 @@
+"""Shared fixtures: real databases (PostgreSQL and SQLite), settings, row factories.
+
+The functional suite runs on both databases through the parametrised ``db_url``
+fixture; tests that need PostgreSQL-only behaviour (SKIP LOCKED, advisory locks, several
+processes) use ``pg_url``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from alerts.config import Settings
+from alerts.db import Database, make_engine, migrate
+
+PG_ADMIN_URL = os.environ.get("ALERTS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_url(dbname: str) -> str:
+    return sa.engine.make_url(PG_ADMIN_URL).set(database=dbname).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh, migrated PostgreSQL database for this test session, dropped at the end."""
+    name = f"alerts_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = _pg_url(name)
+    migrate(url)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.dispose()
+
+
+def _truncate_pg(url: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        tables = conn.exec_driver_sql(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        ).scalars().all()
+        if tables:
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database):
+    """PostgreSQL URL with every table emptied before the test."""
+    _truncate_pg(pg_database)
+    return pg_database
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template, tmp_path):
+    path = tmp_path / "alerts.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request):
+    """The functional suite runs once per database."""
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db(engine):
+    return Database(engine)
+
+
+@pytest.fixture
+def settings(db_url, tmp_path):
+    """Settings with no channel configured; tests add what they need with replace()."""
+    return Settings.from_env({"DATABASE_URL": db_url, "ALERTS_OUTBOX_DIR": str(tmp_path / "outbox")})
+
+
+@pytest.fixture
+def now():
+    return datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)

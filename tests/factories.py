@@ -1,0 +1,44 @@
+"""Row factories for tests: real INSERTs, readable defaults."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+
+from alerts import models as m
+
+_seq = itertools.count(1)
+
+
+def add_user(conn, **cols) -> int:
+    values = {"email": f"user{next(_seq)}@example.com", **cols}
+    return conn.execute(sa.insert(m.users).values(**values).returning(m.users.c.id)).scalar_one()
+
+
+def add_pref(conn, user_id: int, **cols) -> int:
+    values = {"alert_type": "*", "region": "*", "min_severity": 1, "channel": "email",
+              "delivery_kind": "instant", **cols}
+    return conn.execute(
+        sa.insert(m.user_alert_prefs).values(user_id=user_id, **values).returning(m.user_alert_prefs.c.id)
+    ).scalar_one()
+
+
+def add_event(conn, **cols) -> int:
+    n = next(_seq)
+    values = {"event_key": f"evt-{n}", "alert_type": "pipeline_outage", "region": "NL", "severity": 3,
+              "title": f"Event {n}", "summary": "Flow reduced", "url": "https://energyriskiq.com/e/1",
+              "status": "new", "created_at": datetime(2026, 5, 12, 9, 0, tzinfo=timezone.utc), **cols}
+    return conn.execute(sa.insert(m.alert_events).values(**values).returning(m.alert_events.c.id)).scalar_one()
+
+
+def add_delivery(conn, user_id: int, event_id: int, **cols) -> int:
+    values = {"channel": "email", "delivery_kind": "instant", "status": "queued", **cols}
+    return conn.execute(
+        sa.insert(m.user_alert_deliveries).values(user_id=user_id, alert_event_id=event_id, **values)
+        .returning(m.user_alert_deliveries.c.id)
+    ).scalar_one()
+
+
+def rows(conn, table, order_by="id"):
+    return [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(sa.text(order_by)))]
