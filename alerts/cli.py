@@ -1,0 +1,146 @@
+"""The ``alerts`` console script: migrate, run, ingest, status, preview, retry, demo."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import sqlalchemy as sa
+
+from alerts import runner
+from alerts.db import Database, migrate as migrate_db
+from alerts.runner import Fatal, load_settings, open_engine, parse_now
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+def cli(verbose: bool) -> None:
+    """EnergyRiskIQ Alerts: energy-risk events to instant and digest messages."""
+    runner.setup_logging(verbose)
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database to the current schema (safe to run repeatedly)."""
+    settings = load_settings()
+    revision = migrate_db(settings.database_url)
+    click.echo(f"database at revision {revision}")
+
+
+@cli.command("run")
+@runner.run_options
+def run(phase, now_text, dry_run, as_json, verbose) -> None:
+    """Run pipeline phases once (same as python -m alerts.runner)."""
+    if verbose:
+        runner.setup_logging(True)
+    runner.execute(phase.lower(), now_text, dry_run, as_json)
+
+
+@cli.command()
+@click.argument("source", type=click.File("rb"))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def ingest(source, as_json: bool) -> None:
+    """Store events from a JSON Lines FILE ('-' = stdin), one event per line.
+
+    A malformed line is reported with its line number and skipped; the others are
+    stored. A repeated event_key is a no-op.
+    """
+    from alerts.ingest import ingest_lines
+
+    settings = load_settings()
+    engine = open_engine(settings)
+    try:
+        report = ingest_lines(Database(engine), source)
+    finally:
+        engine.dispose()
+    for line_number, reason in report.errors:
+        click.echo(f"line {line_number}: {reason}", err=True)
+    if as_json:
+        click.echo(json.dumps({"stored": report.stored, "duplicates": report.duplicates,
+                               "errors": [{"line": n, "reason": r} for n, r in report.errors]}))
+    else:
+        click.echo(f"stored {report.stored}, duplicates {report.duplicates}, malformed {len(report.errors)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--now", "now_text", metavar="ISO-8601", help="Measure ages as if at this instant.")
+def status(as_json: bool, now_text: str | None) -> None:
+    """Counts by table and status, age of the oldest pending row, the latest errors."""
+    from alerts.status import collect, render
+
+    settings = load_settings()
+    engine = open_engine(settings)
+    try:
+        report = collect(engine, parse_now(now_text))
+    finally:
+        engine.dispose()
+    click.echo(json.dumps(report, default=str, indent=2) if as_json else render(report))
+
+
+@cli.command()
+@click.option("--deliveries/--no-deliveries", default=True, help="Re-queue failed instant deliveries.")
+@click.option("--digests/--no-digests", default=True, help="Re-queue failed digests.")
+@click.option("--id", "row_ids", type=int, multiple=True, help="Only these row ids (repeatable).")
+def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...]) -> None:
+    """Re-queue failed rows with a fresh set of attempts."""
+    from alerts import models as m
+
+    settings = load_settings()
+    engine = open_engine(settings)
+    tables = ([m.user_alert_deliveries] if deliveries else []) + ([m.user_alert_digests] if digests else [])
+    try:
+        with engine.begin() as conn:
+            for table in tables:
+                where = [table.c.status == "failed"]
+                if table is m.user_alert_deliveries:
+                    where.append(table.c.delivery_kind == "instant")
+                if row_ids:
+                    where.append(table.c.id.in_(row_ids))
+                count = conn.execute(
+                    sa.update(table).where(*where).values(status="queued", attempts=0, next_retry_at=None)
+                ).rowcount
+                click.echo(f"{table.name}: re-queued {count}")
+    finally:
+        engine.dispose()
+
+
+@cli.command()
+@click.option("--digest", "digest_id", type=int, help="A digest row id.")
+@click.option("--user", "user_id", type=int, help="With --date: preview a window not built yet.")
+@click.option("--date", "day", metavar="YYYY-MM-DD", help="The user's local day (daily) to preview.")
+@click.option("--channel", type=click.Choice(["email", "telegram"]), default=None, help="Only this channel.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the email as .txt/.html files here.")
+def preview(digest_id, user_id, day, channel, out_dir) -> None:
+    """Render a digest's email and Telegram text without sending or changing anything."""
+    from alerts.preview import preview_digest
+
+    if digest_id is None and (user_id is None or day is None):
+        raise click.UsageError("give --digest ID, or --user ID with --date YYYY-MM-DD")
+    settings = load_settings()
+    engine = open_engine(settings)
+    try:
+        preview_digest(engine, settings, digest_id=digest_id, user_id=user_id, day=day,
+                       channel=channel, out_dir=out_dir, echo=click.echo)
+    except LookupError as exc:
+        raise Fatal(str(exc)) from None
+    finally:
+        engine.dispose()
+
+
+@cli.command()
+@click.option("--outbox", type=click.Path(file_okay=False), help="Where email files go (default ALERTS_OUTBOX_DIR).")
+def demo(outbox: str | None) -> None:
+    """Run the whole pipeline on sample data; email goes to the file outbox."""
+    from alerts.demo import run_demo
+
+    settings = load_settings()
+    run_demo(settings, outbox=outbox, echo=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="alerts")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

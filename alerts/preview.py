@@ -1,0 +1,98 @@
+"""`alerts preview`: render a digest's email and Telegram text without sending or
+changing anything — for a built digest, or for a user's window not built yet."""
+from __future__ import annotations
+
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from alerts import models as m
+from alerts.config import Settings
+from alerts.messages import EmailMessage, render_digest
+from alerts.windows import digest_key, digest_window, resolve_period, resolve_timezone
+
+EVENT_COLUMNS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at")
+
+
+def _event_cols():
+    return [m.alert_events.c[name] for name in EVENT_COLUMNS]
+
+
+def preview_digest(engine: Engine, settings: Settings, *, digest_id=None, user_id=None, day=None,
+                   channel=None, out_dir=None, echo: Callable[[str], None] = print) -> None:
+    with engine.connect() as conn:
+        if digest_id is not None:
+            digest, items = _built(conn, settings, digest_id)
+            channels = [channel or digest["channel"]]
+        else:
+            digest, items = _unbuilt(conn, settings, user_id, day, channel)
+            channels = [channel] if channel else ["email", "telegram"]
+    echo(f"digest {digest['digest_key']}: {len(items)} item(s), window "
+         f"{digest['window_start']:%Y-%m-%d %H:%M} – {digest['window_end']:%Y-%m-%d %H:%M} UTC")
+    for name in channels:
+        message = render_digest(name, digest, items, settings=settings)
+        if isinstance(message, EmailMessage):
+            _show_email(message, out_dir, echo)
+        else:
+            echo(f"\n=== telegram (parse_mode=HTML) ===\n{message.text}")
+
+
+def _built(conn, settings, digest_id):
+    g, u = m.user_alert_digests, m.users
+    digest = conn.execute(
+        sa.select(g, sa.func.coalesce(u.c.timezone, settings.timezone).label("timezone"))
+        .select_from(g.join(u, u.c.id == g.c.user_id)).where(g.c.id == digest_id)
+    ).mappings().first()
+    if digest is None:
+        raise LookupError(f"--digest: no digest with id {digest_id}")
+    i, d = m.user_alert_digest_items, m.user_alert_deliveries
+    items = conn.execute(
+        sa.select(*_event_cols())
+        .select_from(i.join(d, d.c.id == i.c.delivery_id).join(m.alert_events, m.alert_events.c.id == d.c.alert_event_id))
+        .where(i.c.digest_id == digest_id)
+    ).mappings().all()
+    return dict(digest), items
+
+
+def _unbuilt(conn, settings, user_id, day, channel):
+    user = conn.execute(sa.select(m.users).where(m.users.c.id == user_id)).mappings().first()
+    if user is None:
+        raise LookupError(f"--user: no user with id {user_id}")
+    try:
+        local_day = date.fromisoformat(day)
+    except ValueError:
+        raise LookupError(f"--date: not a YYYY-MM-DD date: {day!r}") from None
+    tz = resolve_timezone(user["timezone"], settings)
+    period = resolve_period(user["digest_period"], user["plan"], settings)
+    # The day's first window; for hourly users, preview the whole day as one list.
+    start, _ = digest_window(datetime.combine(local_day, time(0, 30), tzinfo=tz), "daily", tz)
+    _, end = digest_window(datetime.combine(local_day, time(23, 30), tzinfo=tz), "daily", tz)
+    d, e = m.user_alert_deliveries, m.alert_events
+    where = [d.c.user_id == user_id, d.c.delivery_kind == "digest", d.c.channel != "sms",
+             e.c.created_at >= start, e.c.created_at < end]
+    if channel:
+        where.append(d.c.channel == channel)
+    items = conn.execute(
+        sa.select(*_event_cols()).distinct().select_from(d.join(e, e.c.id == d.c.alert_event_id)).where(*where)
+    ).mappings().all()
+    digest = {"id": None, "digest_key": digest_key(user_id, channel or "email", period, start) + ":preview",
+              "user_id": user_id, "channel": channel or "email", "period": "daily", "window_start": start,
+              "window_end": end, "timezone": tz.key}
+    return digest, items
+
+
+def _show_email(message: EmailMessage, out_dir, echo) -> None:
+    echo(f"\n=== email ===\nSubject: {message.subject}\nMessage-ID: {message.message_id}")
+    for name, value in message.headers.items():
+        echo(f"{name}: {value}")
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "digest.txt").write_text(message.text, encoding="utf-8")
+        (out / "digest.html").write_text(message.html, encoding="utf-8")
+        echo(f"wrote {out / 'digest.txt'} and {out / 'digest.html'}")
+    else:
+        echo(f"\n{message.text}")

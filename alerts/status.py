@@ -1,0 +1,69 @@
+"""`alerts status`: what is queued, stuck or failing, for an operator at a glance."""
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from alerts import models as m
+
+RECENT_ERRORS = 10
+
+
+def _tables():
+    return [m.alert_events, m.user_alert_deliveries, m.user_alert_digests]
+
+
+def collect(engine: Engine, now: datetime) -> dict:
+    report: dict = {"users": 0, "prefs": 0, "tables": {}, "oldest_pending": {}, "recent_errors": []}
+    with engine.connect() as conn:
+        report["users"] = conn.execute(sa.select(sa.func.count()).select_from(m.users)).scalar()
+        report["prefs"] = conn.execute(sa.select(sa.func.count()).select_from(m.user_alert_prefs)).scalar()
+        for table in _tables():
+            counts = conn.execute(sa.select(table.c.status, sa.func.count()).group_by(table.c.status)).all()
+            report["tables"][table.name] = dict(sorted(counts))
+            pending = ("new", "ready") if table is m.alert_events else ("queued", "sending")
+            oldest = conn.execute(
+                sa.select(sa.func.min(table.c.created_at)).where(table.c.status.in_(pending))
+            ).scalar()
+            report["oldest_pending"][table.name] = (
+                None if oldest is None else round((now - oldest).total_seconds())
+            )
+        for table in (m.user_alert_deliveries, m.user_alert_digests):
+            rows = conn.execute(
+                sa.select(table.c.id, table.c.status, table.c.attempts, table.c.last_error)
+                .where(table.c.status.in_(("failed", "queued")), table.c.last_error.is_not(None))
+                .order_by(table.c.id.desc()).limit(RECENT_ERRORS)
+            ).mappings()
+            report["recent_errors"] += [{"table": table.name, **row} for row in rows]
+        rejected = conn.execute(
+            sa.select(m.alert_events.c.id, m.alert_events.c.event_key, m.alert_events.c.reject_reason)
+            .where(m.alert_events.c.status == "rejected").order_by(m.alert_events.c.id.desc()).limit(RECENT_ERRORS)
+        ).mappings()
+        report["recently_rejected_events"] = [dict(row) for row in rejected]
+    return report
+
+
+def render(report: dict) -> str:
+    lines = [f"users: {report['users']}   prefs: {report['prefs']}"]
+    for name, counts in report["tables"].items():
+        shown = ", ".join(f"{status} {n}" for status, n in counts.items()) or "empty"
+        age = report["oldest_pending"][name]
+        lines.append(f"{name}: {shown}" + ("" if age is None else f"   (oldest pending: {_age(age)})"))
+    if report["recent_errors"]:
+        lines.append("recent errors:")
+        lines += [f"  {e['table']} #{e['id']} {e['status']} after {e['attempts']} attempt(s): {e['last_error']}"
+                  for e in report["recent_errors"]]
+    if report["recently_rejected_events"]:
+        lines.append("recently rejected events:")
+        lines += [f"  #{e['id']} {e['event_key']}: {e['reject_reason']}" for e in report["recently_rejected_events"]]
+    return "\n".join(lines)
+
+
+def _age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
