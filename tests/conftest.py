@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from alerts.config import Settings
 from alerts.db import Database, make_engine, migrate
 
+pytest_plugins = ["tests.fakes.fixtures"]
+
 PG_ADMIN_URL = os.environ.get("ALERTS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

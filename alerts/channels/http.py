@@ -1,0 +1,106 @@
+"""The single seam for HTTP: a pooled ``requests.Session`` with a timeout on every call.
+
+Network failures become transient ``DeliveryError``s whose reason never names the URL:
+the Telegram URL carries the bot token, and requests puts the URL in its messages.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+import requests
+
+from alerts.channels import DeliveryError
+
+MAX_DESCRIPTION_CHARS = 300  # provider error texts end up in last_error; keep them short
+
+
+class HttpClient:
+    def __init__(self, service: str, timeout: float, secrets: tuple[str | None, ...] = ()):
+        self.service = service
+        self.timeout = timeout
+        self._secrets = secrets
+        self._session = requests.Session()
+
+    def post(self, url: str, **kwargs) -> requests.Response:
+        """POST and return the response, whatever its status; raise only when no answer came."""
+        try:
+            return self._session.post(url, timeout=self.timeout, **kwargs)
+        except requests.Timeout:
+            reason = f"{self.service}: no answer within {self.timeout:g}s (timeout)"
+        except requests.ConnectionError as exc:
+            reason = f"{self.service}: {_connection_problem(exc)}"
+        except requests.RequestException as exc:
+            reason = f"{self.service}: request failed ({type(exc).__name__})"
+        # Outside the except blocks, so the requests exception (and its URL) is not
+        # chained into this one's traceback.
+        raise DeliveryError(redact(reason, *self._secrets))
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _connection_problem(exc: BaseException) -> str:
+    """Name the underlying socket error (refused, DNS, reset) without the URL."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(current, OSError) and current.strerror:
+            return f"connection failed ({current.strerror})"
+        pending += [current.__cause__, current.__context__, getattr(current, "reason", None),
+                    *(arg for arg in current.args if isinstance(arg, BaseException))]
+    return "connection failed"
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Mask secrets in text meant for last_error or logs (belt and braces)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def describe(text: object) -> str:
+    """A provider's error text, flattened to one line and bounded."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= MAX_DESCRIPTION_CHARS else flat[: MAX_DESCRIPTION_CHARS - 1] + "…"
+
+
+def retry_after_seconds(value: object, now: datetime | None = None) -> float | None:
+    """A Retry-After value (seconds, or an HTTP date) as seconds to wait; None if unusable."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        try:
+            when = parsedate_to_datetime(str(value))
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    return max(seconds, 0.0) if seconds == seconds else None  # NaN ⇒ unusable
+
+
+class _RedactBotTokens(logging.Filter):
+    """urllib3 logs request lines (with the bot token in the path) at DEBUG level."""
+
+    _TOKEN = re.compile(r"/bot[^/\s\"]+/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "/bot" in message:
+            record.msg, record.args = self._TOKEN.sub("/bot***/", message), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactBotTokens())
