@@ -24,3 +24,13 @@ class TextMessage:
 
 
 Message = EmailMessage | TextMessage
+
+
+# Imported last: these modules build on the message types above.
+from alerts.messages.digest import digest_message_id, render_digest, window_label  # noqa: E402
+from alerts.messages.instant import render_instant  # noqa: E402
+from alerts.messages.render import severity_label  # noqa: E402
+from alerts.messages.telegram_fit import fit_telegram, telegram_length  # noqa: E402
+
+__all__ = ["EmailMessage", "TextMessage", "Message", "render_instant", "render_digest", "severity_label",
+           "digest_message_id", "window_label", "fit_telegram", "telegram_length"]

@@ -1,0 +1,138 @@
+"""A digest (many events of one window) as one email or one Telegram message (SPEC §5)."""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, time, timedelta
+from typing import Mapping, Sequence
+from zoneinfo import ZoneInfo
+
+from alerts.config import Settings
+from alerts.messages import EmailMessage, Message, TextMessage
+from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_view, html_env,
+                                    one_line, sort_items, text_env, zone)
+from alerts.messages.telegram_fit import fit_telegram
+
+EMAIL_MAX_ITEMS = 50
+# Per-item caps keep one huge event from crowding every other item out of a Telegram digest.
+TELEGRAM_TITLE_MAX = 200
+TELEGRAM_SUMMARY_MAX = 400
+TELEGRAM_URL_TEXT_MAX = 80
+TELEGRAM_SEPARATOR = "\n\n"
+
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+
+
+def render_digest(channel: str, digest: Mapping, items: Sequence[Mapping], *, settings: Settings) -> Message:
+    if channel == "email":
+        return _email(digest, items, settings)
+    if channel == "telegram":
+        return _telegram(digest, items, settings)
+    raise ValueError(f"no digest message for channel {channel!r}")
+
+
+def digest_message_id(digest_key: str) -> str:
+    """The same on every retry of one digest, different for every other digest."""
+    digest = hashlib.sha256(digest_key.encode("utf-8")).hexdigest()[:32]
+    return f"<digest-{digest}@{MESSAGE_ID_DOMAIN}>"
+
+
+def window_label(start: datetime, end: datetime, tz: ZoneInfo) -> str:
+    """The window in local time, e.g. "Tuesday 12 May 2026, 00:00–24:00 Europe/Amsterdam".
+
+    When the UTC offset changes inside the window, or a local time occurs twice (the
+    repeated hour of a fall-back day), both ends carry their offset, and the real length
+    is added when it is not a whole day or hour: "…00:00 (UTC+01:00)–24:00 (UTC+02:00)
+    Europe/Amsterdam, 23 h".
+    """
+    a, b = as_utc(start).astimezone(tz), as_utc(end).astimezone(tz)
+    if b.time() == time(0) and b.date() == a.date() + timedelta(days=1):
+        end_clock = "24:00"
+    elif b.date() == a.date():
+        end_clock = f"{b:%H:%M}"
+    else:
+        end_clock = f"{_day(b)} {b:%H:%M}"
+    span = f"{a:%H:%M}–{end_clock}"
+    if a.utcoffset() != b.utcoffset() or _ambiguous(a) or _ambiguous(b):
+        span = f"{a:%H:%M} ({_offset(a)})–{end_clock} ({_offset(b)})"
+    label = f"{_day(a)}, {span} {tz.key}"
+    hours = (as_utc(end) - as_utc(start)).total_seconds() / 3600  # not b - a: that is wall time
+    if hours not in (1, 24):
+        label += f", {hours:g} h"
+    return label
+
+
+def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> EmailMessage:
+    tz = zone(digest.get("timezone"), settings)
+    ordered = sort_items(items)
+    key = digest["digest_key"]
+    context = {
+        "heading": _heading(digest),
+        "window": window_label(digest["window_start"], digest["window_end"], tz),
+        "count": _count(len(ordered)),
+        "items": [event_view(e, tz) for e in ordered[:EMAIL_MAX_ITEMS]],
+        "more": max(0, len(ordered) - EMAIL_MAX_ITEMS),
+        "app_url": app_link(settings),
+    }
+    return EmailMessage(
+        subject=_subject(digest, len(ordered), tz),
+        text=text_env.get_template("digest_email.txt.j2").render(context),
+        html=html_env.get_template("digest_email.html.j2").render(context),
+        message_id=digest_message_id(key),
+        headers={"X-Alerts-Digest-Key": one_line(key)},
+    )
+
+
+def _telegram(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> TextMessage:
+    tz = zone(digest.get("timezone"), settings)
+    ordered = sort_items(items)
+    parts = html_env.get_template("digest_telegram.j2").module
+    app_url = app_link(settings)
+    header = _part(parts.header(_heading(digest), window_label(digest["window_start"], digest["window_end"], tz),
+                              _count(len(ordered))))
+    # A generator: fit_telegram renders only the items that can still fit.
+    blocks = (TELEGRAM_SEPARATOR + _part(parts.item(event_view(
+        e, tz, title_max=TELEGRAM_TITLE_MAX, summary_max=TELEGRAM_SUMMARY_MAX,
+        url_text_max=TELEGRAM_URL_TEXT_MAX))) for e in ordered)
+
+    def footer(more: int) -> str:
+        text = _part(parts.footer(more, app_url))
+        return TELEGRAM_SEPARATOR + text if text else ""
+
+    return TextMessage(fit_telegram(header, blocks, footer, total=len(ordered)))
+
+
+def _part(markup) -> str:
+    """A macro's output as a plain string, without the blank lines its if-blocks leave."""
+    return str(markup).strip()
+
+
+def _heading(digest: Mapping) -> str:
+    return f"EnergyRiskIQ {digest['period']} digest"
+
+
+def _subject(digest: Mapping, n: int, tz: ZoneInfo) -> str:
+    start = as_utc(digest["window_start"]).astimezone(tz)
+    when = f"{start:%Y-%m-%d %H:00}" if digest["period"] == "hourly" else f"{start:%Y-%m-%d}"
+    return f"{_heading(digest)} — {when} ({_count(n)})"
+
+
+def _count(n: int) -> str:
+    return "1 alert" if n == 1 else f"{n} alerts"
+
+
+def _day(local: datetime) -> str:
+    # Spelled out here, not with %A/%B, so the process locale cannot change it.
+    return f"{_DAYS[local.weekday()]} {local.day} {_MONTHS[local.month - 1]} {local.year}"
+
+
+def _offset(local: datetime) -> str:
+    minutes = int(local.utcoffset().total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return f"UTC{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def _ambiguous(local: datetime) -> bool:
+    """True for a wall time that happens twice (clocks going back)."""
+    return local.replace(fold=1 - local.fold).utcoffset() != local.utcoffset()

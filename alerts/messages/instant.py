@@ -1,0 +1,63 @@
+"""One event as an instant email, Telegram message or SMS (SPEC §5)."""
+from __future__ import annotations
+
+from datetime import timezone
+from typing import Mapping
+
+from alerts.config import Settings
+from alerts.messages import EmailMessage, Message, TextMessage
+from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, event_view, html_env, one_line,
+                                    text_env)
+from alerts.messages.telegram_fit import TELEGRAM_LIMIT, telegram_length, truncate_utf16, utf16_len
+
+SMS_MAX_CHARS = 320
+SUBJECT_TITLE_MAX = 200
+TELEGRAM_TITLE_MAX = 512  # the summary takes whatever room is left
+URL_TEXT_MAX = 120
+
+
+def render_instant(channel: str, event: Mapping, *, delivery_id: int, settings: Settings) -> Message:
+    if channel == "email":
+        return _email(event, delivery_id, settings)
+    if channel == "telegram":
+        return _telegram(event, settings)
+    if channel == "sms":
+        return _sms(event)
+    raise ValueError(f"no instant message for channel {channel!r}")
+
+
+def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage:
+    view = event_view(event, settings.tz)
+    title = truncate_utf16(view.title, SUBJECT_TITLE_MAX)
+    context = {"e": view, "app_url": app_link(settings)}
+    return EmailMessage(
+        subject=one_line(f"[EnergyRiskIQ] {view.label.upper()}: {title}"),
+        text=text_env.get_template("instant_email.txt.j2").render(context),
+        html=html_env.get_template("instant_email.html.j2").render(context),
+        message_id=f"<alert-delivery-{delivery_id}@{MESSAGE_ID_DOMAIN}>",
+    )
+
+
+def _telegram(event: Mapping, settings: Settings) -> TextMessage:
+    view = event_view(event, settings.tz, title_max=TELEGRAM_TITLE_MAX, url_text_max=URL_TEXT_MAX)
+    template = html_env.get_template("instant_telegram.j2")
+    text = template.render(e=view, app_url=app_link(settings)).strip()
+    over = telegram_length(text) - TELEGRAM_LIMIT
+    if over > 0:  # only the summary is long enough to overflow; cut exactly the excess
+        view = event_view(event, settings.tz, title_max=TELEGRAM_TITLE_MAX, url_text_max=URL_TEXT_MAX,
+                          summary_max=utf16_len(view.summary or "") - over)
+        text = template.render(e=view, app_url=app_link(settings)).strip()
+    return TextMessage(text)
+
+
+def _sms(event: Mapping) -> TextMessage:
+    view = event_view(event, timezone.utc)  # an SMS shows no time
+    template = text_env.get_template("instant_sms.txt.j2")
+    url = view.url
+    room = SMS_MAX_CHARS - len(template.render(e=view, title="", url=url))
+    if room < 20:  # a giant url would crowd out the title: the title matters more
+        url = None
+        room = SMS_MAX_CHARS - len(template.render(e=view, title="", url=url))
+    title = view.title if len(view.title) <= room else view.title[:room - 1].rstrip() + "…"
+    return TextMessage(template.render(e=view, title=title, url=url))
+

@@ -1,0 +1,106 @@
+"""Pieces shared by instant and digest rendering: the Jinja2 environments, severity
+labels, and the defensive view of one event that every template receives."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
+from typing import Mapping, Sequence
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import jinja2
+
+from alerts.config import Settings
+from alerts.messages.telegram_fit import truncate_utf16
+
+MESSAGE_ID_DOMAIN = "alerts.energyriskiq.com"
+SEVERITY_LABELS = {1: "low", 2: "moderate", 3: "elevated", 4: "high", 5: "critical"}
+
+_loader = jinja2.PackageLoader("alerts.messages", "templates")
+_common = dict(loader=_loader, undefined=jinja2.StrictUndefined, trim_blocks=True,
+               lstrip_blocks=True, keep_trailing_newline=False)
+# HTML email and Telegram HTML: everything from an event is escaped. Markupsafe writes
+# &amp; &lt; &gt; &#34; &#39;, all of which Telegram's HTML parse mode accepts.
+html_env = jinja2.Environment(autoescape=True, **_common)
+# text/plain email and SMS: nothing to escape, and escaping would show "&amp;" to people.
+text_env = jinja2.Environment(autoescape=False, **_common)
+
+
+def severity_label(n: int) -> str:
+    return SEVERITY_LABELS.get(n, f"severity {n}")
+
+
+def one_line(text: str) -> str:
+    """All whitespace runs (CR, LF, tabs, U+2028…) as one space: safe in headers and titles."""
+    return " ".join(text.split())
+
+
+def safe_url(url: object) -> str | None:
+    """The url when it is an absolute http(s) URL, else None: no javascript: links, ever."""
+    if not isinstance(url, str):
+        return None
+    url = url.strip()
+    parsed = urlparse(url)
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in url):
+        return None
+    return url
+
+
+def as_utc(value: datetime) -> datetime:
+    """Timestamps are aware UTC by contract; a naive one is taken to be UTC, not local."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def zone(name: object, settings: Settings) -> ZoneInfo:
+    """The named zone, or the app zone when the name is missing or unknown."""
+    if isinstance(name, str) and name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return settings.tz
+
+
+def app_link(settings: Settings) -> str | None:
+    return f"{settings.app_base_url}/alerts" if settings.app_base_url else None
+
+
+@dataclass(frozen=True)
+class EventView:
+    """One event as the templates see it: labelled, trimmed, with a link only if safe."""
+
+    id: int
+    severity: int
+    label: str
+    title: str
+    summary: str | None
+    url: str | None
+    url_text: str | None
+    alert_type: str
+    region: str | None
+    created_at: datetime  # in the display zone
+
+
+def event_view(event: Mapping, tz: tzinfo, *, title_max: int | None = None,
+               summary_max: int | None = None, url_text_max: int | None = None) -> EventView:
+    title = one_line(str(event["title"] or "")) or "(untitled)"
+    summary = (event.get("summary") or "").strip() or None
+    if title_max is not None:
+        title = truncate_utf16(title, title_max)
+    if summary is not None and summary_max is not None:
+        summary = truncate_utf16(summary, summary_max)
+    url = safe_url(event.get("url"))
+    url_text = url if url is None or url_text_max is None else truncate_utf16(url, url_text_max)
+    return EventView(
+        id=event["id"], severity=event["severity"], label=severity_label(event["severity"]),
+        title=title, summary=summary, url=url, url_text=url_text,
+        alert_type=event.get("alert_type") or "", region=event.get("region") or None,
+        created_at=as_utc(event["created_at"]).astimezone(tz),
+    )
+
+
+def sort_items(items: Sequence[Mapping]) -> list[Mapping]:
+    """Highest severity first, then newest, then highest id (so the order is total)."""
+    return sorted(items, key=lambda e: (e["severity"], as_utc(e["created_at"]), e["id"]), reverse=True)
