@@ -1,0 +1,221 @@
+"""Phase A — intake: validate and normalise new events (SPEC §4 A).
+
+Every ``new`` event becomes ``ready`` or ``rejected`` with a reason naming the field.
+The rules live in one pure function, ``validate_event``, so they are tested as a table
+and read in one place. URL and alert_type checks are easier to get right in Python than
+in two SQL dialects, so the phase reads new events in batches (only the columns the
+rules need, so memory stays flat on any backlog), judges them in Python, bulk-inserts
+the verdicts into a temporary table and finally applies them all with two set-based
+UPDATEs — never one round trip per row.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from alerts import models as m
+from alerts.config import Settings
+from alerts.db import Database, is_postgres
+
+BATCH_SIZE = 1000
+MIN_SEVERITY, MAX_SEVERITY = 1, 5
+MAX_TITLE_CHARS = 500
+MAX_SUMMARY_CHARS = 2000
+MAX_URL_CHARS = 2048
+ALERT_TYPE_RE = re.compile(r"[a-z0-9_.-]+")
+URL_SCHEMES = ("http", "https")
+SHOWN_VALUE_CHARS = 40  # how much of a bad value a reject reason quotes
+
+_scratch = sa.MetaData()
+# One row per judged event: a reason if rejected, else the normalised fields.
+_verdicts = sa.Table(
+    "intake_verdicts", _scratch,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("reject_reason", sa.Text),
+    sa.Column("alert_type", sa.Text),
+    sa.Column("title", sa.Text),
+    sa.Column("summary", sa.Text),
+    sa.Column("url", sa.Text),
+    prefixes=["TEMPORARY"],
+)
+
+
+def run_phase_a(db: Database, now: datetime, settings: Settings) -> dict:
+    """Judge every ``new`` event. The caller holds the phase lock. ``now`` and
+    ``settings`` are unused (intake depends on neither) but keep the phase signature."""
+    counts = {"accepted": 0, "rejected": 0}
+    with db.transaction() as conn:
+        if not _has_new(conn):
+            return counts
+        _verdicts.create(conn)
+        after = 0
+        while batch := _next_batch(conn, after):
+            after = batch[-1]["id"]
+            conn.execute(sa.insert(_verdicts), [_verdict(row) for row in batch])
+        if is_postgres(conn):
+            conn.exec_driver_sql(f"ANALYZE {_verdicts.name}")  # a fresh temp table has no statistics
+        counts["accepted"], counts["rejected"] = _apply(conn)
+        _verdicts.drop(conn)
+    return counts
+
+
+def validate_event(row) -> str | None:
+    """Why an event must be rejected ("field: problem; …"), or None when it is good.
+
+    ``row`` is any mapping with title, severity, alert_type, url and (optionally)
+    summary. Surrounding whitespace is forgiven (``normalise`` strips it); everything
+    else is judged as given — an upper-case alert_type is rejected, not lower-cased,
+    so a producer's typo is visible instead of silently matching other preferences.
+    """
+    problems = [
+        _check_title(row.get("title")),
+        _check_severity(row.get("severity")),
+        _check_alert_type(row.get("alert_type")),
+        _check_url(row.get("url")),
+        _check_summary(row.get("summary")),
+    ]
+    problems = [p for p in problems if p]
+    return "; ".join(problems) or None
+
+
+def normalise(row) -> dict:
+    """The stored form of a good event: surrounding whitespace stripped; a blank summary
+    or url becomes NULL."""
+    return {
+        "alert_type": row["alert_type"].strip(),
+        "title": row["title"].strip(),
+        "summary": _strip_or_none(row.get("summary")),
+        "url": _strip_or_none(row.get("url")),
+    }
+
+
+# --- the rules --------------------------------------------------------------------------
+
+def _check_title(title) -> str | None:
+    if not isinstance(title, str) or _is_blank(title):
+        return "title: empty"
+    if len(title.strip()) > MAX_TITLE_CHARS:
+        return f"title: longer than {MAX_TITLE_CHARS} characters"
+    return None
+
+
+def _check_severity(severity) -> str | None:
+    if isinstance(severity, bool) or not isinstance(severity, int):
+        return f"severity: must be a whole number from {MIN_SEVERITY} to {MAX_SEVERITY}"
+    if not MIN_SEVERITY <= severity <= MAX_SEVERITY:
+        return f"severity: must be from {MIN_SEVERITY} to {MAX_SEVERITY} (got {severity})"
+    return None
+
+
+def _check_alert_type(alert_type) -> str | None:
+    if not isinstance(alert_type, str) or not alert_type.strip():
+        return "alert_type: empty"
+    if not ALERT_TYPE_RE.fullmatch(alert_type.strip()):
+        return f"alert_type: must match [a-z0-9_.-]+ (got {_shown(alert_type.strip())})"
+    return None
+
+
+def _check_summary(summary) -> str | None:
+    if isinstance(summary, str) and len(summary.strip()) > MAX_SUMMARY_CHARS:
+        return f"summary: longer than {MAX_SUMMARY_CHARS} characters"
+    return None
+
+
+def _check_url(url) -> str | None:
+    """An absolute http(s) URL with a host, or nothing at all (NULL or blank)."""
+    if url is None or (isinstance(url, str) and not url.strip()):
+        return None
+    if not isinstance(url, str):
+        return "url: must be text"
+    url = url.strip()
+    if len(url) > MAX_URL_CHARS:
+        return f"url: longer than {MAX_URL_CHARS} characters"
+    # Browsers and mail clients quietly drop or reinterpret these, which is how
+    # "https://ok.example\tjavascript:..." style tricks get through naive checks.
+    # isprintable() is False for every control, format (zero-width, bidi) and
+    # separator character except the ASCII space.
+    if " " in url or not url.isprintable():
+        return "url: contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 — raises ValueError on a bad port
+    except ValueError:
+        return "url: not a valid URL"
+    if parts.scheme.lower() not in URL_SCHEMES:
+        scheme = _shown(parts.scheme) if parts.scheme else "none"
+        return f"url: must be an absolute http(s) URL (scheme {scheme})"
+    if not parts.hostname:
+        return "url: must be an absolute http(s) URL with a host"
+    if "@" in parts.netloc:
+        # "https://energyriskiq.com@evil.example/" shows one host and opens another.
+        return "url: must not contain user info (user@host)"
+    return None
+
+
+def _is_blank(text: str) -> bool:
+    """Nothing a reader would see: only whitespace, control or zero-width characters."""
+    return all(ch.isspace() or not ch.isprintable() for ch in text)
+
+
+def _shown(value: str) -> str:
+    """A bad value quoted safely and briefly inside a reason."""
+    if len(value) > SHOWN_VALUE_CHARS:
+        value = value[:SHOWN_VALUE_CHARS] + "…"
+    return repr(value)
+
+
+def _strip_or_none(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return value.strip() or None
+
+
+# --- the batch loop ----------------------------------------------------------------------
+
+def _has_new(conn: Connection) -> bool:
+    e = m.alert_events
+    return conn.execute(sa.select(e.c.id).where(e.c.status == "new").limit(1)).first() is not None
+
+
+def _next_batch(conn: Connection, after: int) -> list[dict]:
+    """The next new events by id (keyset paging: later batches never rescan earlier ones).
+    On PostgreSQL the rows are locked so a plain UPDATE elsewhere cannot change a row
+    between judging it and applying the verdict."""
+    e = m.alert_events
+    query = (
+        sa.select(e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.url, e.c.severity)
+        .where(e.c.status == "new", e.c.id > after)
+        .order_by(e.c.id)
+        .limit(BATCH_SIZE)
+    )
+    if is_postgres(conn):
+        query = query.with_for_update()
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _verdict(row: dict) -> dict:
+    reason = validate_event(row)
+    if reason is not None:
+        return {"id": row["id"], "reject_reason": reason,
+                "alert_type": None, "title": None, "summary": None, "url": None}
+    return {"id": row["id"], "reject_reason": None, **normalise(row)}
+
+
+def _apply(conn: Connection) -> tuple[int, int]:
+    """Write the verdicts; returns (accepted, rejected). Rejected rows keep the
+    producer's text verbatim, so the reason can be checked against what was sent."""
+    e, v = m.alert_events, _verdicts
+    same = sa.and_(e.c.id == v.c.id, e.c.status == "new")
+    accepted = conn.execute(
+        sa.update(e).where(same, v.c.reject_reason.is_(None))
+        .values(status="ready", alert_type=v.c.alert_type, title=v.c.title, summary=v.c.summary, url=v.c.url)
+    ).rowcount
+    rejected = conn.execute(
+        sa.update(e).where(same, v.c.reject_reason.is_not(None))
+        .values(status="rejected", reject_reason=v.c.reject_reason)
+    ).rowcount
+    return accepted, rejected
