@@ -117,6 +117,8 @@ user_alert_deliveries = sa.Table(
     # When the current claim was taken; a `sending` row older than the lease is abandoned.
     sa.Column("claimed_at", UTCDateTime),
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    # When a Celery send task was last published for the row (migration 0003, alerts/dispatch.py).
+    sa.Column("enqueued_at", UTCDateTime),
     sa.UniqueConstraint("user_id", "alert_event_id", "channel", name="uq_deliveries_user_event_channel"),
     sa.CheckConstraint(_in("channel", CHANNELS), name="ck_deliveries_channel"),
     sa.CheckConstraint(_in("delivery_kind", DELIVERY_KINDS), name="ck_deliveries_delivery_kind"),
@@ -146,3 +148,59 @@ sa.Index(
     sqlite_where=alert_events.c.status.in_(("new", "ready")),
 )
 sa.Index("ix_prefs_match", user_alert_prefs.c.alert_type, user_alert_prefs.c.region)
+
+# --- digests (migration 0002) -----------------------------------------------------------
+
+user_alert_digests = sa.Table(
+    "user_alert_digests",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("period", sa.Text, nullable=False),
+    sa.Column("window_start", UTCDateTime, nullable=False),
+    sa.Column("window_end", UTCDateTime, nullable=False),
+    # 0 for a window's first digest; a late delivery whose window's digest already left
+    # `queued` goes into a follow-up digest with the next sequence.
+    sa.Column("sequence", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("digest_key", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="queued"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_retry_at", UTCDateTime),
+    sa.Column("last_error", sa.Text),
+    sa.Column("sent_at", UTCDateTime),
+    sa.Column("claimed_at", UTCDateTime),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    # When a Celery send task was last published for the row (migration 0003, alerts/dispatch.py).
+    sa.Column("enqueued_at", UTCDateTime),
+    sa.UniqueConstraint("digest_key", name="uq_digests_digest_key"),
+    sa.UniqueConstraint("user_id", "channel", "period", "window_start", "sequence", name="uq_digests_window_sequence"),
+    sa.CheckConstraint(_in("channel", DIGEST_CHANNELS), name="ck_digests_channel"),
+    sa.CheckConstraint(_in("period", DIGEST_PERIODS), name="ck_digests_period"),
+    sa.CheckConstraint(_in("status", SEND_STATUSES), name="ck_digests_status"),
+    sa.CheckConstraint("attempts >= 0", name="ck_digests_attempts"),
+    sa.CheckConstraint("sequence >= 0", name="ck_digests_sequence"),
+    sa.CheckConstraint("window_end > window_start", name="ck_digests_window"),
+)
+sa.Index(
+    "ix_digests_due",
+    user_alert_digests.c.next_retry_at,
+    postgresql_where=user_alert_digests.c.status == "queued",
+    sqlite_where=user_alert_digests.c.status == "queued",
+)
+sa.Index(
+    "ix_digests_sending",
+    user_alert_digests.c.claimed_at,
+    postgresql_where=user_alert_digests.c.status == "sending",
+    sqlite_where=user_alert_digests.c.status == "sending",
+)
+
+user_alert_digest_items = sa.Table(
+    "user_alert_digest_items",
+    metadata,
+    sa.Column("digest_id", sa.Integer, sa.ForeignKey("user_alert_digests.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("delivery_id", sa.Integer, sa.ForeignKey("user_alert_deliveries.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.PrimaryKeyConstraint("digest_id", "delivery_id", name="pk_digest_items"),
+    sa.UniqueConstraint("delivery_id", name="uq_digest_items_delivery"),
+)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
 from alerts import models as m
 
 _seq = itertools.count(1)
+
+WINDOW_START = datetime(2026, 5, 11, 22, 0, tzinfo=timezone.utc)  # 2026-05-12 in Amsterdam
+WINDOW_END = WINDOW_START + timedelta(days=1)
 
 
 def add_user(conn, **cols) -> int:
@@ -42,3 +45,18 @@ def add_delivery(conn, user_id: int, event_id: int, **cols) -> int:
 
 def rows(conn, table, order_by="id"):
     return [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(sa.text(order_by)))]
+
+
+def add_digest(conn, user_id: int, events: int = 2, channel: str = "email", **cols) -> int:
+    """A queued daily digest for the 2026-05-12 Amsterdam window, with ``events`` items
+    (their per-event deliveries already batched)."""
+    values = {"user_id": user_id, "channel": channel, "period": "daily", "window_start": WINDOW_START,
+              "window_end": WINDOW_END, "digest_key": f"test:{user_id}:{channel}", "status": "queued",
+              "next_retry_at": WINDOW_END, **cols}
+    digest_id = conn.execute(sa.insert(m.user_alert_digests).values(**values)
+                             .returning(m.user_alert_digests.c.id)).scalar_one()
+    for _ in range(events):
+        delivery = add_delivery(conn, user_id, add_event(conn, status="fanned_out"), channel=channel,
+                                delivery_kind="digest", status="skipped", last_error="batched_into_digest")
+        conn.execute(sa.insert(m.user_alert_digest_items).values(digest_id=digest_id, delivery_id=delivery))
+    return digest_id
