@@ -76,7 +76,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
-        r = _Reader(env)
+        r = EnvReader(env)
         return cls(
             database_url=r.text("DATABASE_URL", cls.database_url),
             celery_broker_url=r.text("CELERY_BROKER_URL", cls.celery_broker_url),
@@ -108,7 +108,7 @@ class Settings:
         )
 
 
-class _Reader:
+class EnvReader:
     """Reads and validates one variable at a time; empty counts as unset."""
 
     def __init__(self, env: Mapping[str, str]):

@@ -1,0 +1,303 @@
+"""Real ``celery worker`` and ``celery beat`` processes, Redis, PostgreSQL and the test
+SMTP server: what production runs, end to end.
+
+The broker is a Redis database of its own; its queues are purged around every test.
+Every process is started in its own session and killed in teardown.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from celery import Celery
+
+from alerts import models as m
+from alerts.config import Settings
+from alerts.db import make_engine
+from tests.factories import add_event, add_pref, add_user
+from tests.factories import WINDOW_START, add_digest
+from tests.test_tasks import AFTER_WINDOW, iso
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_URL = "redis://127.0.0.1:6379/11"
+QUEUES = ("alerts", "alerts.send", "kill-test", "term-test")
+READY_SECONDS = 30
+_names = itertools.count(1)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+class Process:
+    """A celery command in its own session, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_app", *args], cwd=ROOT,
+                                      env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = READY_SECONDS) -> None:
+        wait_until(lambda: text in self.output() or self.popen.poll() is not None, timeout, self.output)
+        assert text in self.output(), self.output()
+
+    def signal(self, signum: int, group: bool = False) -> None:
+        if self.popen.poll() is None:
+            (os.killpg if group else os.kill)(self.popen.pid, signum)
+
+    def stop(self) -> None:
+        try:
+            self.signal(signal.SIGTERM)
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)  # the pool's children too
+            except ProcessLookupError:
+                pass
+            self.popen.wait(5)
+            self._log.close()
+
+
+def wait_until(predicate, timeout: float, describe=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s\n{describe()}")
+        time.sleep(0.1)
+
+
+def celery_env(database_url: str, smtp_host: str, smtp_port: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
+    env.update({"DATABASE_URL": database_url, "CELERY_BROKER_URL": BROKER_URL, "ALERTS_SMTP_HOST": smtp_host,
+                "ALERTS_SMTP_PORT": str(smtp_port), "ALERTS_SMTP_TLS": "none", "PYTHONPATH": str(ROOT), **extra})
+    return env
+
+
+def start_worker(env: dict, tmp_path: Path, queues: str = "alerts,alerts.send", pool: str = "prefork",
+                 concurrency: int = 2) -> Process:
+    name = f"test{next(_names)}-{os.getpid()}@localhost"
+    worker = Process(["worker", "--loglevel=INFO", "-n", name, "-Q", queues, f"--pool={pool}",
+                      f"--concurrency={concurrency}", "--without-gossip", "--without-mingle",
+                      "--without-heartbeat"], env, tmp_path / f"worker-{next(_names)}.log")
+    worker.name = name
+    try:
+        worker.wait_for_output(" ready.")
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def broker():
+    client = redis.Redis.from_url(BROKER_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(autouse=True)
+def purge(broker):
+    broker.delete(*QUEUES)
+    yield
+    broker.delete(*QUEUES)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Publishes like a producer would: JSON, to the queue the app routes to."""
+    app = Celery("test-client", broker=BROKER_URL)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts",
+                    task_routes={"alerts.send_*": {"queue": "alerts.send"}})
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def worker(pg_database, smtp_server_session, broker, tmp_path_factory):
+    """One worker (prefork, 2 processes) for the module, at the test SMTP server."""
+    env = celery_env(pg_database, smtp_server_session.host, smtp_server_session.port)
+    process = start_worker(env, tmp_path_factory.mktemp("worker"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def conn(pg_url):
+    engine = make_engine(pg_url)
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        yield connection
+    engine.dispose()
+
+
+def status_of(conn, table, row_id: int) -> tuple[str, int]:
+    found = conn.execute(sa.select(table.c.status, table.c.attempts).where(table.c.id == row_id)).one()
+    return found.status, found.attempts
+
+
+def message_ids(smtp_server) -> list[str]:
+    return [mail.message["Message-ID"] for mail in smtp_server.messages]
+
+
+class Blackhole:
+    """A TCP server that accepts connections and never says a word: an SMTP server that
+    hangs, so a send is in flight for as long as the test wants."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+def test_a_worker_with_a_bad_setting_exits_2_naming_it(pg_database, tmp_path):
+    env = celery_env(pg_database, "127.0.0.1", 25, ALERTS_SMTP_TLS="sometimes")
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "worker"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "ALERTS_SMTP_TLS" in result.stderr
+
+
+def test_the_worker_registers_every_spec_task(worker, pg_database, smtp_server_session):
+    env = celery_env(pg_database, smtp_server_session.host, smtp_server_session.port)
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "inspect", "registered", "--json",
+                             "--timeout", "10", "--destination", worker.name],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    registered = json.loads(result.stdout)[worker.name]
+    assert {"alerts.intake", "alerts.fanout", "alerts.build_digests", "alerts.dispatch_deliveries",
+            "alerts.send_digest", "alerts.send_delivery", "alerts.recover_stale", "alerts.run_pipeline",
+            "alerts.ingest_event"} <= set(registered)
+
+
+def test_celery_call_run_pipeline_delivers_to_the_smtp_server(worker, conn, smtp_server, pg_database):
+    instant_user, digest_user = add_user(conn), add_user(conn)
+    add_pref(conn, instant_user)
+    add_pref(conn, digest_user, delivery_kind="digest")
+    add_event(conn, created_at=WINDOW_START + timedelta(hours=10))
+    env = celery_env(pg_database, smtp_server.host, smtp_server.port)
+
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "call", "alerts.run_pipeline",
+                             "--kwargs", json.dumps({"now": iso(AFTER_WINDOW)})],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: len(smtp_server.messages) >= 2, 30, worker.output)
+    assert sorted(mail.rcpt_tos[0] for mail in smtp_server.messages) == sorted(
+        conn.execute(sa.select(m.users.c.email)).scalars())
+
+
+def test_send_digest_called_three_times_sends_one_message(worker, client, conn, smtp_server):
+    digest = add_digest(conn, add_user(conn), events=3)
+
+    tasks = [client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)})
+             for _ in range(3)]
+
+    wait_until(lambda: all(f"[{task.id}] succeeded" in worker.output() for task in tasks), 30, worker.output)
+    assert len(smtp_server.messages) == 1
+    assert status_of(conn, m.user_alert_digests, digest) == ("sent", 1)
+
+
+@pytest.mark.slow
+def test_a_digest_claimed_by_a_killed_worker_is_sent_after_the_lease(worker, client, conn, smtp_server,
+                                                                      pg_database, tmp_path):
+    digest = add_digest(conn, add_user(conn))
+    hang = Blackhole()
+    doomed = start_worker(celery_env(pg_database, "127.0.0.1", hang.port), tmp_path, queues="kill-test",
+                          concurrency=1)
+    try:
+        client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)}, queue="kill-test")
+        wait_until(lambda: hang.accepted and status_of(conn, m.user_alert_digests, digest)[0] == "sending",
+                   30, doomed.output)
+        doomed.signal(signal.SIGKILL, group=True)  # the machine dies mid-send
+        doomed.popen.wait(10)
+    finally:
+        doomed.stop()
+        hang.close()
+    assert status_of(conn, m.user_alert_digests, digest) == ("sending", 1)
+
+    after_lease = AFTER_WINDOW + timedelta(seconds=Settings().sending_lease_seconds + 1)
+    client.send_task("alerts.recover_stale", kwargs={"now": iso(after_lease)})
+
+    wait_until(lambda: status_of(conn, m.user_alert_digests, digest)[0] == "sent", 30, worker.output)
+    assert status_of(conn, m.user_alert_digests, digest) == ("sent", 2)
+    assert len(smtp_server.messages) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_send_in_flight_finish(client, conn, smtp_server, pg_database, tmp_path):
+    digest = add_digest(conn, add_user(conn))
+    smtp_server.data_delay = 1.5
+    leaving = start_worker(celery_env(pg_database, smtp_server.host, smtp_server.port), tmp_path,
+                           queues="term-test", concurrency=1)
+    try:
+        client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)}, queue="term-test")
+        wait_until(lambda: status_of(conn, m.user_alert_digests, digest)[0] == "sending", 30, leaving.output)
+        leaving.signal(signal.SIGTERM)
+        assert leaving.popen.wait(20) == 0
+    finally:
+        leaving.stop()
+    assert status_of(conn, m.user_alert_digests, digest) == ("sent", 1)
+    assert len(smtp_server.messages) == 1
+
+
+@pytest.mark.slow
+def test_two_beat_schedulers_at_once_send_nothing_twice(worker, conn, smtp_server, pg_database, tmp_path):
+    yesterday = datetime.now(timezone.utc) - timedelta(days=2)  # its digest window has closed
+    digest_users = [add_user(conn) for _ in range(3)]
+    instant_users = [add_user(conn) for _ in range(2)]
+    for user in digest_users:
+        add_pref(conn, user, delivery_kind="digest")
+    for user in instant_users:
+        add_pref(conn, user)
+    for n in range(4):
+        add_event(conn, created_at=yesterday + timedelta(minutes=n))
+    expected = len(instant_users) * 4 + len(digest_users)
+    env = celery_env(pg_database, smtp_server.host, smtp_server.port, ALERTS_BEAT_INTAKE_SECONDS="1",
+                     ALERTS_BEAT_DIGEST_SECONDS="1", ALERTS_BEAT_DISPATCH_SECONDS="1", ALERTS_BEAT_RECOVER_SECONDS="1")
+    beats = [Process(["beat", "--loglevel=INFO", "-s", str(tmp_path / f"schedule-{n}"), "--max-interval", "1"],
+                     env, tmp_path / f"beat-{n}.log") for n in range(2)]
+    try:
+        wait_until(lambda: len(smtp_server.messages) >= expected, 60,
+                   lambda: worker.output()[-3000:] + beats[0].output()[-2000:])
+        ticks = [beat.output().count("Sending due task") for beat in beats]
+        for beat, before in zip(beats, ticks):  # both keep ticking a while longer
+            wait_until(lambda: beat.output().count("Sending due task") >= before + 8, 30, beat.output)
+    finally:
+        for beat in beats:
+            beat.stop()
+    ids = message_ids(smtp_server)
+    assert len(ids) == len(set(ids)) == expected

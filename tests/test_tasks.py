@@ -1,0 +1,493 @@
+"""The Celery tasks, run in this process against real PostgreSQL, the test SMTP server,
+the fake Telegram API and a real Redis broker (a database of its own, flushed per test).
+
+Tasks run with ``task.apply()``; the send tasks they enqueue are really published, and
+``drain`` plays the worker: it pops them from Redis and applies them here.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+import sqlalchemy as sa
+from celery.signals import before_task_publish, task_retry
+
+from alerts import models as m
+from alerts.config import Settings
+from alerts.db import make_engine
+from alerts.ratelimit import TelegramLimiter
+from alerts.tasks import parse_now, worker
+from tests.factories import WINDOW_END, WINDOW_START, add_delivery, add_digest, add_event, add_pref, add_user
+from tests.fakes.fixtures import with_fakes
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_URL = "redis://127.0.0.1:6379/10"
+SEND_QUEUE, PHASE_QUEUE = "alerts.send", "alerts"
+SPEC_TASKS = {"alerts.intake", "alerts.fanout", "alerts.build_digests", "alerts.dispatch_deliveries",
+              "alerts.send_digest", "alerts.send_delivery", "alerts.recover_stale", "alerts.run_pipeline",
+              "alerts.ingest_event"}
+
+AFTER_WINDOW = WINDOW_END + timedelta(minutes=1)
+
+
+# --- fixtures and helpers -----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def celery_app():
+    import celery_app as module
+
+    # Before anything opens a broker connection: publish to the test Redis database.
+    module.app.conf.broker_url = BROKER_URL
+    module.app.conf.task_always_eager = False
+    return module.app
+
+
+@pytest.fixture
+def broker():
+    client = redis.Redis.from_url(BROKER_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+class Clock:
+    def __init__(self):
+        self.ms = 1_800_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def app(celery_app, broker, pg_url, smtp_server, provider_api, clock, tmp_path):
+    settings = with_fakes(Settings.from_env({"DATABASE_URL": pg_url, "ALERTS_OUTBOX_DIR": str(tmp_path)}),
+                          smtp_server, provider_api)
+    worker.configure(settings, limiter=TelegramLimiter(fakeredis.FakeRedis(), clock_ms=clock))
+    yield celery_app
+    worker.configure(None)
+
+
+@pytest.fixture
+def conn(pg_url):
+    engine = make_engine(pg_url)
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        yield connection
+    engine.dispose()
+
+
+def published(broker, queue: str = SEND_QUEUE) -> list[dict]:
+    """The task messages waiting in a Redis queue, oldest first."""
+    out = []
+    for raw in reversed(broker.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        out.append({"task": message["headers"]["task"], "args": args, "kwargs": kwargs,
+                    "eta": message["headers"].get("eta")})
+    return out
+
+
+def drain(app, broker, queue: str = SEND_QUEUE, limit: int = 10_000) -> list:
+    """Be the worker: run every waiting task here, including those they enqueue."""
+    results = []
+    while len(results) < limit and (raw := broker.rpop(queue)) is not None:
+        message = json.loads(raw)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        results.append(app.tasks[message["headers"]["task"]].apply(args, kwargs).get())
+    return results
+
+
+@contextmanager
+def receiving(signal):
+    """The keyword arguments of every ``signal`` sent inside the block."""
+    seen = []
+
+    def receiver(sender=None, **kwargs):
+        seen.append(kwargs)
+
+    signal.connect(receiver, weak=False)
+    try:
+        yield seen
+    finally:
+        signal.disconnect(receiver)
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat()
+
+
+def add_many_due_digests(conn, count: int) -> None:
+    """``count`` users with one due digest each, set-based (a backlog)."""
+    conn.execute(sa.text(
+        "INSERT INTO users (email) SELECT 'bulk' || n || '@example.com' FROM generate_series(1, :n) n"), {"n": count})
+    conn.execute(sa.insert(m.user_alert_digests).from_select(
+        ["user_id", "channel", "period", "window_start", "window_end", "digest_key", "status", "next_retry_at"],
+        sa.select(m.users.c.id, sa.literal("email"), sa.literal("daily"),
+                  sa.literal(WINDOW_START, m.UTCDateTime()), sa.literal(WINDOW_END, m.UTCDateTime()),
+                  sa.literal("bulk:") + sa.cast(m.users.c.id, sa.Text), sa.literal("queued"),
+                  sa.literal(WINDOW_END, m.UTCDateTime()))))
+
+
+def row(conn, table, row_id: int):
+    return conn.execute(sa.select(table).where(table.c.id == row_id)).one()._mapping
+
+
+def digest_ids_published(broker) -> list[int]:
+    return [msg["args"][0] for msg in published(broker) if msg["task"] == "alerts.send_digest"]
+
+
+# --- the application ------------------------------------------------------------------------
+
+def test_every_spec_task_name_is_registered(celery_app):
+    celery_app.loader.import_default_modules()
+    assert SPEC_TASKS <= set(celery_app.tasks)
+
+
+def test_the_app_speaks_json_only_acks_late_and_keeps_no_results(celery_app):
+    conf = celery_app.conf
+    assert (conf.task_serializer, conf.result_serializer, conf.accept_content) == ("json", "json", ["json"])
+    assert conf.task_ignore_result and conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.timezone == Settings.from_env().timezone  # ALERTS_TIMEZONE
+
+
+def test_the_visibility_timeout_is_set_everywhere_and_outlasts_every_countdown(celery_app):
+    conf = celery_app.conf
+    visibility = conf.visibility_timeout
+    assert conf.broker_transport_options["visibility_timeout"] == visibility
+    assert conf.result_backend_transport_options["visibility_timeout"] == visibility
+    from alerts.tasks import MAX_COUNTDOWN_SECONDS
+
+    for name in SPEC_TASKS:
+        task = celery_app.tasks[name]
+        assert task.max_retries <= 10 and task.retry_jitter
+        # the longest autoretry countdown is retry_backoff_max; the rate limiter's is capped
+        assert task.retry_backoff_max * 10 <= visibility
+    assert MAX_COUNTDOWN_SECONDS * 10 <= visibility
+
+
+def test_send_tasks_have_a_queue_of_their_own(celery_app):
+    route = celery_app.amqp.router.route
+    assert route({}, "alerts.send_digest")["queue"].name == SEND_QUEUE
+    assert route({}, "alerts.send_delivery")["queue"].name == SEND_QUEUE
+    assert route({}, "alerts.build_digests")["queue"].name == PHASE_QUEUE
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("ALERTS_TIMEZONE", "Mars/Olympus_Mons"),
+    ("ALERTS_BEAT_DIGEST_SECONDS", "soon"),
+    ("ALERTS_BEAT_DISPATCH_SECONDS", "0"),
+    ("ALERTS_CELERY_VISIBILITY_TIMEOUT_SECONDS", "30"),
+    ("ALERTS_REENQUEUE_AFTER_SECONDS", "-1"),
+    ("ALERTS_RATELIMIT_REDIS_URL", "http://127.0.0.1:6379"),
+    ("ALERTS_MAX_ATTEMPTS", "five"),
+])
+def test_a_bad_setting_stops_the_app_with_exit_2_naming_the_variable(variable, value):
+    result = subprocess.run([sys.executable, "-c", "import celery_app"], cwd=ROOT, capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin", variable: value}, timeout=60)
+    assert result.returncode == 2
+    assert variable in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("variable, entry, task", [
+    ("ALERTS_BEAT_INTAKE_SECONDS", "intake-and-fanout", "alerts.run_pipeline"),
+    ("ALERTS_BEAT_DIGEST_SECONDS", "build-digests", "alerts.build_digests"),
+    ("ALERTS_BEAT_DISPATCH_SECONDS", "dispatch-deliveries", "alerts.dispatch_deliveries"),
+    ("ALERTS_BEAT_RECOVER_SECONDS", "recover-stale", "alerts.recover_stale"),
+])
+def test_each_beat_interval_comes_from_its_variable(variable, entry, task):
+    import beat_schedule
+
+    schedule = beat_schedule.build({variable: "7"})
+    assert schedule[entry]["task"] == task
+    assert schedule[entry]["schedule"] == 7
+    assert schedule[entry]["options"]["expires"] == 7  # no pile-up while workers are down
+    assert beat_schedule.build({})[entry]["schedule"] != 7
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-05-13T00:01:00+00:00", datetime(2026, 5, 13, 0, 1, tzinfo=timezone.utc)),
+    ("2026-05-13T00:01:00Z", datetime(2026, 5, 13, 0, 1, tzinfo=timezone.utc)),
+    ("2026-05-13T02:01:00+02:00", datetime(2026, 5, 13, 0, 1, tzinfo=timezone.utc)),
+])
+def test_now_is_read_as_an_iso_instant_with_an_offset(text, expected):
+    assert parse_now(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2026-05-13T00:01:00", "tomorrow"])
+def test_a_now_without_an_offset_is_refused(text):
+    with pytest.raises(ValueError):
+        parse_now(text)
+
+
+# --- phases -------------------------------------------------------------------------------
+
+def test_run_pipeline_runs_every_phase_in_one_task(app, conn, smtp_server):
+    instant_user, digest_user = add_user(conn), add_user(conn)
+    add_pref(conn, instant_user)
+    add_pref(conn, digest_user, delivery_kind="digest")
+    add_event(conn, created_at=WINDOW_START + timedelta(hours=10))
+
+    result = app.tasks["alerts.run_pipeline"].apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+
+    assert list(result) == ["a", "b", "d", "c"]
+    assert result["c"]["instant"]["sent"] == 1 and result["c"]["digests"]["sent"] == 1
+    assert len(smtp_server.messages) == 2
+
+
+def test_intake_and_fanout_are_tasks_of_their_own(app, conn):
+    add_pref(conn, add_user(conn))
+    add_event(conn)
+    add_event(conn, title=" ")
+
+    assert app.tasks["alerts.intake"].apply().get() == {"accepted": 1, "rejected": 1}
+    assert app.tasks["alerts.fanout"].apply().get() == {"events_fanned_out": 1, "deliveries_created": 1}
+
+
+def test_build_digests_enqueues_one_send_per_due_digest(app, conn, broker):
+    for _ in range(3):
+        user = add_user(conn)
+        add_pref(conn, user, delivery_kind="digest")
+    add_event(conn, created_at=WINDOW_START + timedelta(hours=3))
+    add_event(conn, created_at=WINDOW_START + timedelta(hours=4))
+    app.tasks["alerts.run_pipeline"].apply(kwargs={"phases": "ab"}).get()
+
+    result = app.tasks["alerts.build_digests"].apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+
+    assert result["d"]["digests_created"] == 3 and result["enqueued"] == 3
+    digests = conn.execute(sa.select(m.user_alert_digests.c.id)).scalars().all()
+    assert sorted(digest_ids_published(broker)) == sorted(digests)
+    assert all(msg["kwargs"] == {"now": iso(AFTER_WINDOW)} for msg in published(broker))
+
+
+def test_a_digest_is_not_enqueued_before_its_window_closes(app, conn, broker):
+    add_digest(conn, add_user(conn))
+
+    result = app.tasks["alerts.build_digests"].apply(kwargs={"now": iso(WINDOW_END - timedelta(minutes=1))}).get()
+
+    assert result["enqueued"] == 0 and published(broker) == []
+
+
+def test_send_tasks_are_published_only_after_their_rows_are_committed(app, conn, pg_url):
+    add_digest(conn, add_user(conn))
+    seen_by_another_connection = []
+    other = make_engine(pg_url)
+
+    def look(sender=None, body=None, **_):
+        with other.connect() as c:
+            seen_by_another_connection.append(c.execute(
+                sa.select(m.user_alert_digests.c.enqueued_at).where(m.user_alert_digests.c.id == body[0][0])
+            ).scalar_one())
+
+    before_task_publish.connect(look, weak=False)
+    try:
+        app.tasks["alerts.build_digests"].apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+    finally:
+        before_task_publish.disconnect(look)
+        other.dispose()
+    assert seen_by_another_connection == [AFTER_WINDOW]
+
+
+def test_a_backlog_is_enqueued_once_not_on_every_beat_tick(app, conn, broker):
+    add_many_due_digests(conn, 4500)  # more than two chunks
+    build = app.tasks["alerts.build_digests"]
+
+    first = build.apply(kwargs={"now": iso(AFTER_WINDOW)}).get()["enqueued"]
+    later_ticks = [build.apply(kwargs={"now": iso(AFTER_WINDOW + timedelta(minutes=n))}).get()["enqueued"]
+                   for n in (1, 5, 9)]
+
+    assert first == 4500 and later_ticks == [0, 0, 0]
+    ids = digest_ids_published(broker)
+    assert len(ids) == len(set(ids)) == 4500
+
+
+def test_rows_whose_tasks_were_lost_are_enqueued_again_after_the_reenqueue_interval(app, conn, broker):
+    add_many_due_digests(conn, 5)
+    build = app.tasks["alerts.build_digests"]
+    build.apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+    broker.flushdb()  # the broker lost its queue
+
+    late = AFTER_WINDOW + timedelta(seconds=app.conf.alerts_reenqueue_after_seconds)
+    assert build.apply(kwargs={"now": iso(late)}).get()["enqueued"] == 5
+    assert len(digest_ids_published(broker)) == 5
+
+
+def test_a_backlog_still_waiting_in_the_queue_is_not_enqueued_again(app, conn, broker):
+    add_many_due_digests(conn, 5)
+    build = app.tasks["alerts.build_digests"]
+    build.apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+
+    interval, visibility = app.conf.alerts_reenqueue_after_seconds, app.conf.visibility_timeout
+    late = build.apply(kwargs={"now": iso(AFTER_WINDOW + timedelta(seconds=interval))}).get()
+    very_late = build.apply(kwargs={"now": iso(AFTER_WINDOW + timedelta(seconds=visibility))}).get()
+
+    assert (late["enqueued"], very_late["enqueued"]) == (0, 5)  # by then Redis redelivers anyway
+
+
+def test_two_dispatchers_at_once_enqueue_each_row_once(app, conn, broker):
+    add_many_due_digests(conn, 3000)
+    results = []
+
+    def dispatch():
+        results.append(app.tasks["alerts.build_digests"].apply(kwargs={"now": iso(AFTER_WINDOW)}).get())
+
+    threads = [threading.Thread(target=dispatch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sum(r["enqueued"] for r in results) == 3000
+    ids = digest_ids_published(broker)
+    assert len(ids) == len(set(ids)) == 3000
+
+
+def test_dispatch_deliveries_enqueues_due_instant_deliveries_only(app, conn, broker):
+    user = add_user(conn)
+    due = add_delivery(conn, user, add_event(conn, status="fanned_out"))
+    add_delivery(conn, user, add_event(conn, status="fanned_out"), next_retry_at=AFTER_WINDOW + timedelta(hours=1))
+    add_delivery(conn, user, add_event(conn, status="fanned_out"), delivery_kind="digest")
+    add_delivery(conn, user, add_event(conn, status="fanned_out"), status="sent")
+
+    result = app.tasks["alerts.dispatch_deliveries"].apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+
+    assert result == {"enqueued": 1}
+    assert [(msg["task"], msg["args"]) for msg in published(broker)] == [("alerts.send_delivery", [due])]
+
+
+# --- sends --------------------------------------------------------------------------------
+
+def test_a_digest_task_delivered_three_times_sends_one_message(app, conn, smtp_server):
+    digest = add_digest(conn, add_user(conn), events=3)
+    send = app.tasks["alerts.send_digest"]
+
+    outcomes = [send.apply((digest,), {"now": iso(AFTER_WINDOW)}).get() for _ in range(3)]
+
+    assert outcomes == ["sent", None, None]
+    assert len(smtp_server.messages) == 1
+    sent = row(conn, m.user_alert_digests, digest)
+    assert (sent["status"], sent["attempts"]) == ("sent", 1)
+
+
+def test_enqueued_digests_are_sent_by_the_send_tasks(app, conn, broker, smtp_server):
+    for _ in range(4):
+        add_digest(conn, add_user(conn))
+    app.tasks["alerts.build_digests"].apply(kwargs={"now": iso(AFTER_WINDOW)}).get()
+
+    assert drain(app, broker) == ["sent"] * 4
+    assert len({mail.message["Message-ID"] for mail in smtp_server.messages}) == 4
+
+
+def test_send_delivery_sends_one_instant_email(app, conn, smtp_server):
+    delivery = add_delivery(conn, add_user(conn, email="ops@example.com"), add_event(conn, status="fanned_out"))
+
+    assert app.tasks["alerts.send_delivery"].apply((delivery,)).get() == "sent"
+    assert smtp_server.messages[0].rcpt_tos == ["ops@example.com"]
+    assert row(conn, m.user_alert_deliveries, delivery)["status"] == "sent"
+
+
+def test_a_transient_smtp_failure_is_recorded_on_the_row_and_enqueued_again_when_due(app, conn, broker, smtp_server):
+    digest = add_digest(conn, add_user(conn))
+    smtp_server.fail_data(times=1)
+    with receiving(task_retry) as retried:
+        outcome = app.tasks["alerts.send_digest"].apply((digest,), {"now": iso(AFTER_WINDOW)}).get()
+
+    assert outcome == "queued" and retried == []  # the row's retry, not Celery's
+    failed_once = row(conn, m.user_alert_digests, digest)
+    assert failed_once["attempts"] == 1 and failed_once["next_retry_at"] > AFTER_WINDOW
+    build = app.tasks["alerts.build_digests"]
+    assert build.apply(kwargs={"now": iso(failed_once["next_retry_at"] - timedelta(seconds=1))}).get()["enqueued"] == 0
+    assert build.apply(kwargs={"now": iso(failed_once["next_retry_at"])}).get()["enqueued"] == 1
+    assert drain(app, broker) == ["sent"]
+
+
+def test_an_unreachable_database_is_retried_by_celery_a_bounded_number_of_times(app, tmp_path):
+    worker.configure(Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:9/nowhere",
+                                        "ALERTS_OUTBOX_DIR": str(tmp_path)}))
+    with receiving(task_retry) as retried:
+        result = app.tasks["alerts.send_digest"].apply((1,))
+
+    assert result.failed() and isinstance(result.result, sa.exc.OperationalError)
+    assert len(retried) == app.tasks["alerts.send_digest"].max_retries
+
+
+def test_a_telegram_send_that_must_wait_is_put_back_before_its_claim(app, conn, broker, clock, provider_api):
+    user = add_user(conn, telegram_chat_id="42")
+    first, second = (add_delivery(conn, user, add_event(conn, status="fanned_out"), channel="telegram")
+                     for _ in range(2))
+    send = app.tasks["alerts.send_delivery"]
+
+    assert send.apply((first,)).get() == "sent"
+    assert send.apply((second,)).get() == "rate_limited"
+
+    waiting = row(conn, m.user_alert_deliveries, second)
+    assert (waiting["status"], waiting["attempts"]) == ("queued", 0)
+    (again,) = published(broker)
+    assert (again["task"], again["args"]) == ("alerts.send_delivery", [second])
+    eta = datetime.fromisoformat(again["eta"])
+    assert timedelta(0) < eta - datetime.now(timezone.utc) <= timedelta(seconds=1)
+
+    clock.ms += 1000
+    assert drain(app, broker) == ["sent"]
+    assert [msg.chat_id for msg in provider_api.telegram_messages] == ["42", "42"]
+
+
+def test_a_rate_limited_task_for_a_row_already_sent_does_nothing(app, conn, broker, clock, provider_api):
+    user = add_user(conn, telegram_chat_id="42")
+    delivery = add_delivery(conn, user, add_event(conn, status="fanned_out"), channel="telegram")
+    send = app.tasks["alerts.send_delivery"]
+    assert send.apply((delivery,)).get() == "sent"
+
+    assert send.apply((delivery,)).get() is None  # not due: asks no rate limit, publishes nothing
+    assert published(broker) == []
+
+
+def test_recover_stale_requeues_an_abandoned_send_and_enqueues_it(app, conn, broker, smtp_server):
+    digest = add_digest(conn, add_user(conn), status="sending", attempts=1, claimed_at=AFTER_WINDOW)
+    lease = worker.get_settings().sending_lease_seconds
+    later = AFTER_WINDOW + timedelta(seconds=lease + 1)
+
+    result = app.tasks["alerts.recover_stale"].apply(kwargs={"now": iso(later)}).get()
+
+    assert result["recovered"]["digests"] == 1 and result["enqueued"]["digests"] == 1
+    assert drain(app, broker) == ["sent"]
+    sent = row(conn, m.user_alert_digests, digest)
+    assert (sent["status"], sent["attempts"]) == ("sent", 2)
+
+
+def test_ingest_event_stores_an_event_once(app, conn):
+    event = {"event_key": "gas-nl-1", "alert_type": "price_spike", "region": "NL", "severity": 4,
+             "title": "TTF day-ahead +18%"}
+    ingest = app.tasks["alerts.ingest_event"]
+
+    assert ingest.apply((event,)).get() == {"stored": True}
+    assert ingest.apply((dict(event, title="changed"),)).get() == {"stored": False}
+    assert conn.execute(sa.select(m.alert_events.c.title)).scalars().all() == ["TTF day-ahead +18%"]
+
+
+def test_a_malformed_event_fails_its_task_at_once_and_stores_nothing(app, conn):
+    with receiving(task_retry) as retried:
+        result = app.tasks["alerts.ingest_event"].apply(({"event_key": "k1", "severity": "high"},))
+
+    assert result.failed() and isinstance(result.result, ValueError) and retried == []
+    assert conn.execute(sa.select(sa.func.count()).select_from(m.alert_events)).scalar_one() == 0
+
+
+def test_an_unknown_phase_letter_is_refused(app):
+    with pytest.raises(ValueError):
+        app.tasks["alerts.run_pipeline"].apply(kwargs={"phases": "az"}, throw=True).get()
