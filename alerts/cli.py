@@ -82,11 +82,17 @@ def status(as_json: bool, now_text: str | None) -> None:
 @click.option("--deliveries/--no-deliveries", default=True, help="Re-queue failed instant deliveries.")
 @click.option("--digests/--no-digests", default=True, help="Re-queue failed digests.")
 @click.option("--id", "row_ids", type=int, multiple=True, help="Only these row ids (repeatable).")
-def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...]) -> None:
-    """Re-queue failed rows with a fresh set of attempts."""
+@click.option("--now", "now_text", metavar="ISO-8601", help="Due from this instant (default: now).")
+def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: str | None) -> None:
+    """Re-queue failed rows with a fresh set of attempts, due at once.
+
+    ``last_error`` is kept: it tells what went wrong, and on a digest it marks the digest
+    as no longer open, so Phase D puts newer events in a follow-up digest instead.
+    """
     from alerts import models as m
 
     settings = load_settings()
+    now = parse_now(now_text)
     engine = open_engine(settings)
     tables = ([m.user_alert_deliveries] if deliveries else []) + ([m.user_alert_digests] if digests else [])
     try:
@@ -98,7 +104,8 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...]) -> None:
                 if row_ids:
                     where.append(table.c.id.in_(row_ids))
                 count = conn.execute(
-                    sa.update(table).where(*where).values(status="queued", attempts=0, next_retry_at=None)
+                    sa.update(table).where(*where)
+                    .values(status="queued", attempts=0, next_retry_at=now, claimed_at=None, enqueued_at=None)
                 ).rowcount
                 click.echo(f"{table.name}: re-queued {count}")
     finally:
