@@ -19,3 +19,13 @@ def test_readme_has_exactly_two_setup_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert _readme_commands()[1] in ci.splitlines()
+
+
+def test_every_environment_variable_the_code_reads_is_documented():
+    sources = [*ROOT.glob("alerts/**/*.py"), ROOT / "celery_app.py", ROOT / "beat_schedule.py"]
+    names = set()
+    for path in sources:
+        names |= set(re.findall(r"[\"']((?:ALERTS|CELERY|DATABASE)_[A-Z0-9_]+)[\"']", path.read_text()))
+    documented = (ROOT / "replit.md").read_text()
+    assert names, "the pattern finds the variables"
+    assert sorted(n for n in names if f"`{n}`" not in documented) == []
