@@ -101,6 +101,23 @@ alert_events = sa.Table(
     sa.CheckConstraint(_in("status", EVENT_STATUSES), name="ck_events_status"),
 )
 
+
+def _send_state_columns() -> list[sa.Column]:
+    """The columns of a row Phase C sends (a delivery or a digest): claim, retry, outcome."""
+    return [
+        sa.Column("status", sa.Text, nullable=False, server_default="queued"),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("next_retry_at", UTCDateTime),
+        sa.Column("last_error", sa.Text),
+        sa.Column("sent_at", UTCDateTime),
+        # When the current claim was taken; a `sending` row older than the lease is abandoned.
+        sa.Column("claimed_at", UTCDateTime),
+        sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+        # When a Celery send task was last published for the row (migration 0003, alerts/dispatch.py).
+        sa.Column("enqueued_at", UTCDateTime),
+    ]
+
+
 user_alert_deliveries = sa.Table(
     "user_alert_deliveries",
     metadata,
@@ -109,16 +126,7 @@ user_alert_deliveries = sa.Table(
     sa.Column("alert_event_id", sa.Integer, sa.ForeignKey("alert_events.id", ondelete="CASCADE"), nullable=False),
     sa.Column("channel", sa.Text, nullable=False),
     sa.Column("delivery_kind", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False, server_default="queued"),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("next_retry_at", UTCDateTime),
-    sa.Column("last_error", sa.Text),
-    sa.Column("sent_at", UTCDateTime),
-    # When the current claim was taken; a `sending` row older than the lease is abandoned.
-    sa.Column("claimed_at", UTCDateTime),
-    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
-    # When a Celery send task was last published for the row (migration 0003, alerts/dispatch.py).
-    sa.Column("enqueued_at", UTCDateTime),
+    *_send_state_columns(),
     sa.UniqueConstraint("user_id", "alert_event_id", "channel", name="uq_deliveries_user_event_channel"),
     sa.CheckConstraint(_in("channel", CHANNELS), name="ck_deliveries_channel"),
     sa.CheckConstraint(_in("delivery_kind", DELIVERY_KINDS), name="ck_deliveries_delivery_kind"),
@@ -164,15 +172,7 @@ user_alert_digests = sa.Table(
     # `queued` goes into a follow-up digest with the next sequence.
     sa.Column("sequence", sa.Integer, nullable=False, server_default="0"),
     sa.Column("digest_key", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False, server_default="queued"),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("next_retry_at", UTCDateTime),
-    sa.Column("last_error", sa.Text),
-    sa.Column("sent_at", UTCDateTime),
-    sa.Column("claimed_at", UTCDateTime),
-    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
-    # When a Celery send task was last published for the row (migration 0003, alerts/dispatch.py).
-    sa.Column("enqueued_at", UTCDateTime),
+    *_send_state_columns(),
     sa.UniqueConstraint("digest_key", name="uq_digests_digest_key"),
     sa.UniqueConstraint("user_id", "channel", "period", "window_start", "sequence", name="uq_digests_window_sequence"),
     sa.CheckConstraint(_in("channel", DIGEST_CHANNELS), name="ck_digests_channel"),
