@@ -39,3 +39,17 @@ def test_repeated_event_key_is_rejected_by_the_unique_constraint(engine):
         with engine.begin() as conn:
             add_event(conn, event_key="same")
             add_event(conn, event_key="same")
+
+
+def test_the_migrations_build_exactly_the_schema_the_code_declares(db_url):
+    """alembic's autogenerate comparison finds nothing to add, drop or change."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), m.metadata)
+    finally:
+        engine.dispose()
+    assert diffs == []
