@@ -371,3 +371,14 @@ def test_a_sender_skips_a_digest_while_phase_d_attaches_items_to_it(pg_url, now)
         assert items_of(conn, digest_id) == deliveries + [late]
     sender.dispose()
     engine.dispose()
+
+
+def test_a_queued_sms_digest_delivery_is_skipped_not_left_waiting(db, settings, now):
+    """Phase B never makes one, but a row written by hand must not wait forever."""
+    with db.transaction() as conn:
+        user = add_user(conn, phone="+31600000000")
+        delivery = add_digest_delivery(conn, user, utc(2026, 5, 12, 7), channel="sms")
+    assert run_phase_d(db, now, settings) == NOTHING
+    with db.transaction() as conn:
+        (row,) = [r for r in rows(conn, m.user_alert_deliveries) if r["id"] == delivery]
+    assert (row["status"], row["last_error"]) == ("skipped", "sms_digest_not_supported")

@@ -78,7 +78,18 @@ _SCRATCH_TABLES = (_pending, _windows, _groups)
 def run_phase_d(db: Database, now: datetime, settings: Settings) -> dict:
     """Build digests from pending digest deliveries. The caller holds the phase lock."""
     with db.transaction() as conn:
+        _skip_unsupported(conn)
         return _build(conn, now, settings)
+
+
+def _skip_unsupported(conn: Connection) -> None:
+    """A queued digest delivery on a channel without digests (sms) would otherwise wait
+    forever: Phase B creates them skipped, but a row written by other means must not be
+    lost silently either."""
+    d = m.user_alert_deliveries
+    conn.execute(sa.update(d).where(d.c.delivery_kind == "digest", d.c.status == "queued",
+                                    d.c.channel.not_in(m.DIGEST_CHANNELS))
+                 .values(status="skipped", last_error="sms_digest_not_supported"))
 
 
 def _build(conn: Connection, now: datetime, settings: Settings) -> dict:
