@@ -5,8 +5,10 @@ in the rows), 2 bad usage / bad configuration / unmigrated database, 3 unexpecte
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -87,9 +89,13 @@ def execute(phase: str, now_text: str | None, dry_run: bool, as_json: bool) -> d
 
 
 def describe(item) -> dict:
+    """One would-send line: the email subject, else the message's first line as text."""
     channel, recipient, message = item
-    summary = getattr(message, "subject", None) or message.text.splitlines()[0][:120]
-    return {"channel": channel, "recipient": recipient, "summary": summary}
+    summary = getattr(message, "subject", None)
+    if summary is None:
+        first = message.text.splitlines()[0] if message.text else ""
+        summary = html.unescape(re.sub(r"<[^>]+>", "", first)) if channel == "telegram" else first
+    return {"channel": channel, "recipient": recipient, "summary": summary[:120]}
 
 
 def emit(results: dict, as_json: bool, dry_run: bool) -> None:
