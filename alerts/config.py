@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from typing import Mapping
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DIGEST_PERIODS = ("daily", "hourly")
@@ -17,6 +17,9 @@ SMTP_TLS_MODES = ("none", "starttls", "ssl")
 
 # Names of settings whose values must never be printed (logs, status, errors).
 SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token"})
+# URL settings that may carry a password (postgresql://user:pw@…, redis://:pw@…).
+URL_FIELDS = frozenset({"database_url", "celery_broker_url", "app_base_url", "telegram_api_base",
+                        "twilio_api_base"})
 
 
 class ConfigError(ValueError):
@@ -62,16 +65,23 @@ class Settings:
         return ZoneInfo(self.timezone)
 
     def redacted(self) -> dict:
-        """All settings as a dict with secrets masked, safe to print."""
+        """All settings as a dict with secrets (and passwords inside URLs) masked, safe
+        to print."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in SECRET_FIELDS and value:
                 value = "***"
+            elif f.name in URL_FIELDS and value:
+                value = mask_url_password(value)
             elif isinstance(value, frozenset):
                 value = sorted(value)
             out[f.name] = value
         return out
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"{type(self).__name__}({shown})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -106,6 +116,20 @@ class Settings:
             http_timeout_seconds=r.number("ALERTS_HTTP_TIMEOUT_SECONDS", cls.http_timeout_seconds),
             send_batch_size=r.integer("ALERTS_SEND_BATCH_SIZE", cls.send_batch_size, minimum=1),
         )
+
+
+def mask_url_password(url: str) -> str:
+    """``scheme://user:***@host/…``: the URL with its password (if any) masked."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***"  # unparseable: it may hold anything
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    user = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class EnvReader:

@@ -6,6 +6,10 @@ values of the right JSON type. Whether the values make a good event (a title, se
 1..5, a safe url) is Phase A's call: such events are stored and then rejected with a
 reason, so nothing a producer sent is lost (SPEC §3, §4 A). A repeated ``event_key`` —
 in the same file or already stored — is a no-op: the first row wins.
+
+Size is the one thing ingest bounds itself: a line (or a single event) over
+``MAX_EVENT_BYTES`` is refused before it is decoded, and a file's lines are read with
+that limit, so one giant line can neither exhaust memory nor stop the other lines.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ from alerts import models as m
 from alerts.db import Database
 
 BATCH_SIZE = 1000  # lines per transaction: a huge file streams, a crash keeps what was committed
+# SPEC sets no size; an event is a title (≤ 500 chars), a summary (≤ 2000), a url and a
+# small payload, so 64 KiB is generous and still keeps a batch well under 100 MB.
+MAX_EVENT_BYTES = 64 * 1024
+_SKIP_CHUNK = 1024 * 1024  # how much of an oversized line is read (and dropped) at a time
 MAX_EVENT_KEY_CHARS = 200  # keeps the UNIQUE index entry far below PostgreSQL's ~2.7 kB limit
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1  # the severity column is a 32-bit integer
 
@@ -45,8 +53,11 @@ class IngestReport:
 
 def ingest_lines(db: Database, lines: Iterable[str | bytes]) -> IngestReport:
     """Store one event per line; a malformed line is reported and skipped, blank lines
-    are ignored, the other lines are stored in batches."""
+    are ignored, the other lines are stored in batches. ``lines`` is any iterable of
+    lines, or an open file (read line by line with a size limit)."""
     report = IngestReport()
+    if hasattr(lines, "readline"):
+        lines = bounded_lines(lines)
     parsed = _parse_all(enumerate(lines, start=1), report)
     while batch := list(islice(parsed, BATCH_SIZE)):
         _store(db, batch, report)
@@ -56,13 +67,54 @@ def ingest_lines(db: Database, lines: Iterable[str | bytes]) -> IngestReport:
 def ingest_event(db: Database, event: dict) -> bool:
     """Store one event; True if stored, False if its event_key was already there.
     Raises MalformedEvent when it cannot be stored."""
+    row = event_row(event)
+    size = len(json.dumps(event, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+    if size > MAX_EVENT_BYTES:
+        raise MalformedEvent(_too_long(size))
     report = IngestReport()
-    _store(db, [event_row(event)], report)
+    _store(db, [row], report)
     return report.stored == 1
 
 
-def parse_line(line: str | bytes, *, first: bool = False) -> dict | None:
+@dataclass(frozen=True)
+class OversizedLine:
+    """Stands in for a line longer than the limit, which was read past, not kept."""
+
+    size: int  # bytes (characters, for a text stream), line break excluded
+
+
+def bounded_lines(stream, limit: int = MAX_EVENT_BYTES) -> Iterator[bytes | str | OversizedLine]:
+    """The lines of an open file, never holding much more than ``limit`` of one line in
+    memory: a longer line is read past in chunks and yielded as an ``OversizedLine``.
+    (``parse_line`` makes the exact check; this only has to bound the memory.)"""
+    while True:
+        line = stream.readline(limit + 2)  # room for the content plus "\r\n"
+        if not line:
+            return
+        newline = "\n" if isinstance(line, str) else b"\n"
+        if len(line) < limit + 2 or line.endswith(newline):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(newline):
+            line = stream.readline(_SKIP_CHUNK)
+            size += len(line)
+            if not line:
+                break
+        yield OversizedLine(size - _line_break_length(line))
+
+
+def _line_break_length(line: str | bytes) -> int:
+    return len(line) - len(line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n"))
+
+
+def parse_line(line: str | bytes | OversizedLine, *, first: bool = False) -> dict | None:
     """The row for one JSON Lines line, None for a blank line; raises MalformedEvent."""
+    if isinstance(line, OversizedLine):
+        raise MalformedEvent(_too_long(line.size))
+    content = line.rstrip(b"\r\n") if isinstance(line, bytes) else line.rstrip("\r\n").encode("utf-8", "surrogatepass")
+    if len(content) > MAX_EVENT_BYTES:
+        raise MalformedEvent(_too_long(len(content)))
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
@@ -113,7 +165,7 @@ def event_row(obj) -> dict:
 
 # --- parsing helpers --------------------------------------------------------------------
 
-def _parse_all(numbered: Iterable[tuple[int, str | bytes]], report: IngestReport) -> Iterator[dict]:
+def _parse_all(numbered: Iterable[tuple[int, str | bytes | OversizedLine]], report: IngestReport) -> Iterator[dict]:
     for number, line in numbered:
         try:
             row = parse_line(line, first=number == 1)
@@ -207,6 +259,10 @@ def _json_type(value) -> str:
         if isinstance(value, kind):
             return name
     return type(value).__name__
+
+
+def _too_long(size: int) -> str:
+    return f"longer than {MAX_EVENT_BYTES} bytes ({size} bytes); events must be smaller"
 
 
 def _quoted(text: str, limit: int = 40) -> str:

@@ -53,12 +53,20 @@ def render(report: dict) -> str:
         lines.append(f"{name}: {shown}" + ("" if age is None else f"   (oldest pending: {_age(age)})"))
     if report["recent_errors"]:
         lines.append("recent errors:")
-        lines += [f"  {e['table']} #{e['id']} {e['status']} after {e['attempts']} attempt(s): {e['last_error']}"
-                  for e in report["recent_errors"]]
+        lines += [f"  {e['table']} #{e['id']} {e['status']} after {e['attempts']} attempt(s): "
+                  f"{_shown(e['last_error'])}" for e in report["recent_errors"]]
     if report["recently_rejected_events"]:
         lines.append("recently rejected events:")
-        lines += [f"  #{e['id']} {e['event_key']}: {e['reject_reason']}" for e in report["recently_rejected_events"]]
+        lines += [f"  #{e['id']} {_shown(e['event_key'])}: {_shown(e['reject_reason'])}"
+                  for e in report["recently_rejected_events"]]
     return "\n".join(lines)
+
+
+def _shown(text: str | None) -> str:
+    """Producer- and provider-written text, safe for a terminal: control characters (an
+    escape sequence in an event_key could rewrite the operator's screen) shown escaped."""
+    text = "" if text is None else str(text)
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _age(seconds: int) -> str:

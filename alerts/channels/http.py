@@ -2,9 +2,12 @@
 
 Network failures become transient ``DeliveryError``s whose reason never names the URL:
 the Telegram URL carries the bot token, and requests puts the URL in its messages.
+Redirects are not followed: a provider API answers, it does not send us elsewhere, and
+following would replay the request (and its credentials) to another address.
 """
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from datetime import datetime, timezone
@@ -22,12 +25,13 @@ class HttpClient:
         self.service = service
         self.timeout = timeout
         self._secrets = secrets
+        _log_filter.add(*secrets)
         self._session = requests.Session()
 
     def post(self, url: str, **kwargs) -> requests.Response:
         """POST and return the response, whatever its status; raise only when no answer came."""
         try:
-            return self._session.post(url, timeout=self.timeout, **kwargs)
+            return self._session.post(url, timeout=self.timeout, allow_redirects=False, **kwargs)
         except requests.Timeout:
             reason = f"{self.service}: no answer within {self.timeout:g}s (timeout)"
         except requests.ConnectionError as exc:
@@ -62,15 +66,26 @@ def _connection_problem(exc: BaseException) -> str:
 
 def redact(text: str, *secrets: str | None) -> str:
     """Mask secrets in text meant for last_error or logs (belt and braces)."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):  # longest first
+        text = text.replace(secret, "***")
     return text
 
 
-def describe(text: object) -> str:
-    """A provider's error text, flattened to one line and bounded."""
-    flat = " ".join(str(text).split())
+def basic_auth_forms(user: str | None, password: str | None) -> tuple[str, ...]:
+    """The password, and the Authorization header value that carries it, as a server or
+    proxy might echo them back in an error page."""
+    if not password:
+        return ()
+    token = base64.b64encode(f"{user or ''}:{password}".encode()).decode()
+    return (password, token)
+
+
+def describe(text: object, *secrets: str | None) -> str:
+    """A provider's error text, flattened to one line, without control characters (it is
+    shown in terminals by ``alerts status``) and bounded. Secrets are masked first:
+    cutting first could leave half a token that no longer matches."""
+    text = redact(str(text), *secrets)
+    flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
     return flat if len(flat) <= MAX_DESCRIPTION_CHARS else flat[: MAX_DESCRIPTION_CHARS - 1] + "…"
 
 
@@ -91,16 +106,32 @@ def retry_after_seconds(value: object, now: datetime | None = None) -> float | N
     return max(seconds, 0.0) if seconds == seconds else None  # NaN ⇒ unusable
 
 
-class _RedactBotTokens(logging.Filter):
-    """urllib3 logs request lines (with the bot token in the path) at DEBUG level."""
+class _RedactUrls(logging.Filter):
+    """urllib3 logs request lines and retried URLs (the bot token is in the path) at DEBUG
+    level; mask the token, and any credential an HttpClient was built with.
 
-    _TOKEN = re.compile(r"/bot[^/\s\"]+/")
+    A logger's filters only see records logged on that very logger, not those of its
+    children, so the filter sits on each urllib3 module that logs a URL.
+    """
+
+    _TOKEN = re.compile(r"/bot[^/\s\"']+/")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+
+    def add(self, *secrets: str | None) -> None:
+        self._secrets.update(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "/bot" in message:
-            record.msg, record.args = self._TOKEN.sub("/bot***/", message), ()
+        masked = redact(self._TOKEN.sub("/bot***/", message), *self._secrets)
+        if masked != message:
+            record.msg, record.args = masked, ()
         return True
 
 
-logging.getLogger("urllib3.connectionpool").addFilter(_RedactBotTokens())
+URLLIB3_URL_LOGGERS = ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry")
+_log_filter = _RedactUrls()
+for _name in URLLIB3_URL_LOGGERS:
+    logging.getLogger(_name).addFilter(_log_filter)

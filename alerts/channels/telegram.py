@@ -32,7 +32,8 @@ class TelegramChannel(Channel):
             "link_preview_options": {"is_disabled": True},
             "disable_web_page_preview": True,  # for Bot API servers older than 7.0
         })
-        error = classify(response.status_code, _json(response), response.headers.get("Retry-After"))
+        error = classify(response.status_code, _json(response), response.headers.get("Retry-After"),
+                         secrets=(self._token,))
         if error is not None:
             raise DeliveryError(redact(error.reason, self._token), permanent=error.permanent,
                                 retry_after=error.retry_after)
@@ -41,10 +42,12 @@ class TelegramChannel(Channel):
         self._http.close()
 
 
-def classify(status: int, body: object, retry_after_header: str | None = None) -> DeliveryError | None:
+def classify(status: int, body: object, retry_after_header: str | None = None, *,
+             secrets: tuple[str, ...] = ()) -> DeliveryError | None:
     """The error for one Bot API answer, or None when the message was accepted.
 
-    ``body`` is the decoded JSON, or None when the body was not JSON.
+    ``body`` is the decoded JSON, or None when the body was not JSON. ``secrets`` are
+    masked in the provider's text before it is shortened (a server may echo the token).
     """
     if not isinstance(body, dict):
         body = None
@@ -53,13 +56,13 @@ def classify(status: int, body: object, retry_after_header: str | None = None) -
     code = body.get("error_code") if body is not None else None
     code = code if isinstance(code, int) and not isinstance(code, bool) else status
     if body is not None and body.get("description"):
-        reason = f"telegram {code}: {describe(body['description'])}"
+        reason = f"telegram {code}: {describe(body['description'], *secrets)}"
     else:
         reason = f"telegram {code}: unexpected answer (HTTP {status}, {'no JSON' if body is None else 'no description'})"
     parameters = body.get("parameters") if body is not None else None
     parameters = parameters if isinstance(parameters, dict) else {}
     if parameters.get("migrate_to_chat_id"):
-        reason += f" (group moved to chat {parameters['migrate_to_chat_id']})"
+        reason += f" (group moved to chat {describe(parameters['migrate_to_chat_id'], *secrets)})"
     if code == 429:
         wait = retry_after_seconds(parameters.get("retry_after"))
         return DeliveryError(reason, retry_after=wait if wait is not None else retry_after_seconds(retry_after_header))

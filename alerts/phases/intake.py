@@ -29,6 +29,9 @@ MAX_URL_CHARS = 2048
 ALERT_TYPE_RE = re.compile(r"[a-z0-9_.-]+")
 URL_SCHEMES = ("http", "https")
 SHOWN_VALUE_CHARS = 40  # how much of a bad value a reject reason quotes
+# Control characters (Cc) other than the whitespace ones a text may legitimately hold.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x84\x86-\x9f]")
+_LINE_BREAK = re.compile(r"\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 _scratch = sa.MetaData()
 # One row per judged event: a reason if rejected, else the normalised fields.
@@ -84,13 +87,27 @@ def validate_event(row) -> str | None:
 
 def normalise(row) -> dict:
     """The stored form of a good event: surrounding whitespace stripped; a blank summary
-    or url becomes NULL."""
+    or url becomes NULL. The title becomes one line and loses control characters, so no
+    message (an email Subject, a terminal) can be steered by what a producer wrote; the
+    summary keeps its line breaks (as plain newlines) and loses other control characters."""
     return {
         "alert_type": row["alert_type"].strip(),
-        "title": row["title"].strip(),
-        "summary": _strip_or_none(row.get("summary")),
+        "title": one_line_title(row["title"]),
+        "summary": _strip_or_none(_clean_summary(row.get("summary"))),
         "url": _strip_or_none(row.get("url")),
     }
+
+
+def one_line_title(title: str) -> str:
+    """Whitespace runs (CR, LF, tab, U+2028 …) as one space; other control characters
+    (NUL, ESC, DEL, C1) dropped."""
+    return " ".join(_CONTROL.sub("", _LINE_BREAK.sub(" ", title)).split())
+
+
+def _clean_summary(summary: str | None) -> str | None:
+    if summary is None:
+        return None
+    return _CONTROL.sub("", _LINE_BREAK.sub("\n", summary))
 
 
 # --- the rules --------------------------------------------------------------------------
@@ -98,7 +115,7 @@ def normalise(row) -> dict:
 def _check_title(title) -> str | None:
     if not isinstance(title, str) or _is_blank(title):
         return "title: empty"
-    if len(title.strip()) > MAX_TITLE_CHARS:
+    if len(one_line_title(title)) > MAX_TITLE_CHARS:
         return f"title: longer than {MAX_TITLE_CHARS} characters"
     return None
 
@@ -120,7 +137,7 @@ def _check_alert_type(alert_type) -> str | None:
 
 
 def _check_summary(summary) -> str | None:
-    if isinstance(summary, str) and len(summary.strip()) > MAX_SUMMARY_CHARS:
+    if isinstance(summary, str) and len(_clean_summary(summary).strip()) > MAX_SUMMARY_CHARS:
         return f"summary: longer than {MAX_SUMMARY_CHARS} characters"
     return None
 
