@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from alerts import models as m
 from alerts.db import Database, is_postgres
-from alerts.phases.send import Kind
+from alerts.phases.send import Autocommit, Kind
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,23 @@ def _unmark(db: Database, kind: Kind, ids: list[int], now: datetime) -> None:
         log.warning("could not clear enqueue marks after a failed publish: %s", exc)
 
 
-def telegram_chat_if_due(db: Database, kind: Kind, row_id: int, now: datetime) -> tuple[bool, str | None]:
+def telegram_chat_if_due(db: Database, kind: Kind, row_id: int, now: datetime,
+                         autocommit: Autocommit | None = None) -> tuple[bool, str | None]:
     """(is the row due, the Telegram chat it would go to — None for other channels or
     rows that will be skipped). Read before claiming, so a rate-limited task can wait
-    with its row still queued."""
+    with its row still queued. ``autocommit``: the worker's shared connection."""
     table, u = kind.table(), m.users
     query = (sa.select(table.c.channel, u.c.telegram_chat_id, u.c.is_active)
              .select_from(table.join(u, u.c.id == table.c.user_id))
              .where(table.c.id == row_id, table.c.status == "queued", *kind.due(table, now)))
     if db.dry_run:
-        with db.transaction() as conn:
-            row = conn.execute(query).first()
+        with db.transaction() as dry:
+            row = dry.execute(query).first()
+    elif autocommit is not None:
+        row = autocommit(lambda conn: conn.execute(query).first())
     else:  # one statement, no BEGIN/COMMIT round trips: this runs before every send
-        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            row = conn.execute(query).first()
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as own:
+            row = own.execute(query).first()
     if row is None:
         return False, None
     chat = (row.telegram_chat_id or "").strip()

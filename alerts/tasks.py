@@ -12,6 +12,7 @@ Two layers of retry:
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 import kombu.exceptions
@@ -24,7 +25,7 @@ from alerts import dispatch
 from alerts.channels.registry import ChannelSet, build_channels
 from alerts.config import Settings
 from alerts.db import Database, check_migrated, make_engine
-from alerts.phases.send import DIGEST, INSTANT, Kind, recover_stale as recover_stale_rows, send_one
+from alerts.phases.send import DIGEST, INSTANT, Autocommit, Kind, recover_stale as recover_stale_rows, send_one
 from alerts.pipeline import ALL, run_phases
 from alerts.ratelimit import TelegramLimiter
 
@@ -45,6 +46,13 @@ INFRA_BACKOFF_MAX_SECONDS = 60  # far below any visibility timeout we accept
 MAX_COUNTDOWN_SECONDS = 60
 DEFAULT_REENQUEUE_AFTER_SECONDS = 600
 REDIS_TIMEOUT_SECONDS = 5.0
+# The send tasks' database connection is kept between tasks; after this long unused it
+# is handed back, and the next task takes one from the pool (whose ping catches a
+# connection the server dropped meanwhile).
+CONNECTION_IDLE_SECONDS = 30.0
+# What a parent process had open before the fork: kept referenced and never used or
+# closed in the child (closing it would end the parent's session on the shared socket).
+_inherited_connections: list = []
 
 
 class AlertsTask(Task):
@@ -62,14 +70,17 @@ class AlertsTask(Task):
 # --- what one worker process keeps between tasks ---------------------------------------
 
 class WorkerState:
-    """One engine, one set of channels (an SMTP connection reused across sends) and one
-    rate limiter per worker process, created on first use."""
+    """One engine, one database connection for the send tasks, one set of channels (an
+    SMTP connection reused across sends) and one rate limiter per worker process,
+    created on first use."""
 
     def __init__(self):
         self.settings: Settings | None = None
         self._engine = None
         self._channels: ChannelSet | None = None
         self._limiter: TelegramLimiter | None = None
+        self._statements: Autocommit | None = None
+        self._statements_used = 0.0
 
     def configure(self, settings: Settings | None = None, limiter: TelegramLimiter | None = None) -> None:
         """Start over with these (tests); None ⇒ from the environment on first use."""
@@ -92,6 +103,20 @@ class WorkerState:
             self._engine = engine
         return Database(self._engine)
 
+    def send_statements(self) -> Autocommit | None:
+        """The autocommit connection the send tasks share (None off PostgreSQL): saves
+        each task a pool checkout, its ping and two isolation-level switches. After a
+        long idle spell it is handed back and the next task takes a pinged one."""
+        db = self.db()
+        if not db.is_postgres:
+            return None
+        if self._statements is None:
+            self._statements = Autocommit(db.engine)
+        elif time.monotonic() - self._statements_used > CONNECTION_IDLE_SECONDS:
+            self._statements.close()
+        self._statements_used = time.monotonic()
+        return self._statements
+
     def channels(self) -> ChannelSet:
         if self._channels is None:
             self._channels = build_channels(self.get_settings())
@@ -110,17 +135,21 @@ class WorkerState:
 
     def forget(self) -> None:
         """After a fork: drop what the parent opened without closing it under the parent."""
+        if self._statements is not None:
+            _inherited_connections.append(self._statements)
         if self._engine is not None:
             self._engine.dispose(close=False)
-        self._engine = self._channels = None
+        self._engine = self._channels = self._statements = None
         self._limiter = None
 
     def close(self) -> None:
+        if self._statements is not None:
+            self._statements.close()
         if self._channels is not None:
             self._channels.close()
         if self._engine is not None:
             self._engine.dispose()
-        self._engine = self._channels = None
+        self._engine = self._channels = self._statements = None
         self._limiter = None
 
 
@@ -266,15 +295,15 @@ def _send(task: Task, kind: Kind, row_id: int, now: str | None) -> str | None:
     was not due or someone else had it; "rate_limited" when the task was put back."""
     at = parse_now(now)
     db, channels = worker.db(), worker.channels()
+    statements = worker.send_statements()
     limiter = worker.limiter(task.app) if channels.get("telegram") is not None else None
     if limiter is not None:  # without Telegram there is no limit to ask
-        due, chat = dispatch.telegram_chat_if_due(db, kind, row_id, at)
+        due, chat = dispatch.telegram_chat_if_due(db, kind, row_id, at, statements)
         if not due:
             return None
         wait = limiter.acquire(chat) if chat is not None else 0.0
         if wait > 0:
             # Before the claim: the row stays queued and nothing is counted as an attempt.
-            task.apply_async(task.request.args, task.request.kwargs,
-                             countdown=min(wait, MAX_COUNTDOWN_SECONDS))
+            task.apply_async(task.request.args, task.request.kwargs, countdown=min(wait, MAX_COUNTDOWN_SECONDS))
             return "rate_limited"
-    return send_one(db, kind, row_id, at, worker.get_settings(), channels)
+    return send_one(db, kind, row_id, at, worker.get_settings(), channels, autocommit=statements)

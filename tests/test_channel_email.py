@@ -6,6 +6,7 @@ import ipaddress
 import smtplib
 import socket
 import ssl
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from email import policy
@@ -77,6 +78,170 @@ def test_it_refuses_a_recipient_that_would_inject_headers():
     with pytest.raises(DeliveryError) as err:
         build_mime(MESSAGE, "alerts@energyriskiq.com", "alice@example.com\r\nBcc: eve@example.com")
     assert err.value.permanent
+
+
+# Every character that ends a line for str.splitlines(), and NUL.
+LINE_BREAKS = ["\r\n", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x00"]
+
+
+@pytest.mark.parametrize("brk", LINE_BREAKS, ids=[repr(b) for b in LINE_BREAKS])
+@pytest.mark.parametrize("field", ["recipient", "sender", "subject", "message_id", "extra header"])
+def test_it_refuses_a_line_break_in_any_header_value(field, brk):
+    injected = f"x{brk}Bcc: eve@example.com"
+    message, sender, recipient = MESSAGE, "alerts@energyriskiq.com", "alice@example.com"
+    if field == "recipient":
+        recipient = "alice@example.com" + injected
+    elif field == "sender":
+        sender += injected
+    elif field == "subject":
+        message = replace(MESSAGE, subject=injected)
+    elif field == "message_id":
+        message = replace(MESSAGE, message_id=f"<{injected}@x>")
+    else:
+        message = replace(MESSAGE, headers={"X-Alerts-Digest-Key": injected})
+
+    with pytest.raises(DeliveryError) as err:
+        build_mime(message, sender, recipient)
+    assert err.value.permanent and "line break" in err.value.reason
+
+
+@pytest.mark.parametrize("name", ["X-Bad Name", "X-Bad:Name", "", "X-Bad\r\nBcc", "Content-Type", "MIME-Version",
+                                  "content-transfer-encoding"])
+def test_it_refuses_a_malformed_or_structural_extra_header_name(name):
+    with pytest.raises(DeliveryError) as err:
+        build_mime(replace(MESSAGE, headers={name: "v"}), "alerts@energyriskiq.com", "alice@example.com")
+    assert err.value.permanent
+
+
+def test_a_refused_message_never_reaches_the_server(channel, smtp_server):
+    with pytest.raises(DeliveryError):
+        channel.send("alice@example.com", replace(MESSAGE, subject="hi\u2028Bcc: eve@example.com"))
+    channel.send("bob@example.com", MESSAGE)
+
+    assert [mail.rcpt_tos for mail in smtp_server.messages] == [["bob@example.com"]]
+
+
+HOSTILE_TEXT = ("Prices ✓ up 18% = a lot\n"
+                "A line far longer than seventy-six characters, so quoted-printable has to break it softly"
+                " somewhere in the middle — twice, in fact, because it goes on and on and on\n"
+                "trailing spaces   \n"
+                "\ttab first\n.\n..two dots\nFrom the start of a line\r\nold mac line\rend =?utf-8?q?x?=\n"
+                "--=_not_a_boundary\n")
+HOSTILE = EmailMessage(
+    subject="EnergyRiskIQ daily digest — 2026-05-12 (51 alerts) with a title long enough to be folded 🔥",
+    text=HOSTILE_TEXT, html="<p>" + HOSTILE_TEXT.replace("\n", "<br>") + "</p>",
+    message_id="<digest-0f3a@alerts.energyriskiq.com>",
+    headers={"X-Alerts-Digest-Key": "7:email:daily:2026-05-11T22:00:00Z"})
+SENT_AT = datetime(2026, 5, 13, 0, 1, tzinfo=timezone.utc)
+
+
+def reference_mime(message: EmailMessage, sender: str, recipient: str) -> email.message.EmailMessage:
+    """What the channel built before with the standard library's EmailMessage API."""
+    from email.message import EmailMessage as StdMessage
+    from email.utils import format_datetime
+
+    mime = StdMessage(policy=policy.SMTP)
+    mime["From"], mime["To"], mime["Subject"] = sender, recipient, message.subject
+    mime["Date"], mime["Message-ID"] = format_datetime(SENT_AT), message.message_id
+    for name, value in message.headers.items():
+        mime[name] = value
+    mime.set_content(message.text, cte="quoted-printable")
+    mime.add_alternative(message.html, subtype="html", cte="quoted-printable")
+    return email.message_from_bytes(mime.as_bytes(), policy=policy.default)
+
+
+@pytest.mark.parametrize("message", [MESSAGE, HOSTILE], ids=["plain", "hostile"])
+def test_the_message_reads_back_as_the_standard_library_built_it(message):
+    sender, recipient = "EnergyRiskIQ Alerts <alerts@energyriskiq.com>", "alice@example.com"
+    ours = email.message_from_bytes(build_mime(message, sender, recipient, SENT_AT), policy=policy.default)
+    theirs = reference_mime(message, sender, recipient)
+
+    for name in ("From", "To", "Subject", "Date", "Message-ID", "X-Alerts-Digest-Key"):
+        assert str(ours[name]) == str(theirs[name]), name
+    assert ours.get_content_type() == theirs.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in ours.iter_parts()] == ["text/plain", "text/html"]
+    for mine, reference in zip(ours.iter_parts(), theirs.iter_parts()):
+        assert mine["Content-Transfer-Encoding"] == "quoted-printable"
+        assert mine.get_content_charset() == "utf-8"
+        assert mine.get_content().replace("\r\n", "\n") == reference.get_content().replace("\r\n", "\n")
+    assert ours.defects == [] and all(part.defects == [] for part in ours.walk())
+
+
+def test_the_raw_message_has_crlf_lines_of_at_most_78_characters_and_ascii_only():
+    raw = build_mime(HOSTILE, "EnergyRiskIQ Alerts <alerts@energyriskiq.com>", "alice@example.com", SENT_AT)
+
+    assert raw.isascii()
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    head = raw.split(b"\r\n\r\n", 1)[0].decode()
+    assert [line.split(":")[0] for line in head.split("\r\n") if not line.startswith(" ")] == [
+        "From", "To", "Subject", "Date", "Message-ID", "X-Alerts-Digest-Key", "MIME-Version", "Content-Type"]
+
+
+def test_the_message_id_is_the_same_on_every_build():
+    def message_id_line(raw: bytes) -> bytes:
+        return next(line for line in raw.split(b"\r\n") if line.startswith(b"Message-ID:"))
+
+    first = build_mime(MESSAGE, "alerts@energyriskiq.com", "alice@example.com", SENT_AT)
+    retry = build_mime(MESSAGE, "alerts@energyriskiq.com", "alice@example.com", SENT_AT + timedelta(hours=1))
+    assert message_id_line(first) == message_id_line(retry) == b"Message-ID: " + MESSAGE.message_id.encode()
+
+
+def test_an_extra_header_may_replace_an_addressing_header():
+    raw = build_mime(replace(MESSAGE, headers={"subject": "replaced"}), "alerts@energyriskiq.com",
+                     "alice@example.com", SENT_AT)
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert msg.get_all("Subject") == ["replaced"]
+
+
+# --- internationalised addresses ------------------------------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.envelopes = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+
+@contextmanager
+def plain_aiosmtpd(smtputf8: bool):
+    """A bare aiosmtpd server that offers SMTPUTF8 or not: (port, recorded envelopes)."""
+    from aiosmtpd.controller import Controller
+
+    handler = _Recorder()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=smtputf8)
+    controller.start()
+    try:
+        yield controller.port, handler.envelopes
+    finally:
+        controller.stop()
+
+
+def test_a_non_ascii_address_fails_permanently_when_the_server_lacks_smtputf8(channel_settings):
+    with plain_aiosmtpd(smtputf8=False) as (port, envelopes):
+        channel = SmtpEmailChannel(replace(channel_settings, smtp_port=port))
+        with pytest.raises(DeliveryError) as err:
+            channel.send("jörg@example.com", MESSAGE)
+        channel.send("alice@example.com", MESSAGE)  # the connection is still fine for others
+        channel.close()
+
+    assert err.value.permanent and "SMTPUTF8" in err.value.reason
+    assert [envelope.rcpt_tos for envelope in envelopes] == [["alice@example.com"]]
+
+
+def test_a_non_ascii_address_is_sent_with_smtputf8_when_the_server_offers_it(channel_settings):
+    with plain_aiosmtpd(smtputf8=True) as (port, envelopes):
+        channel = SmtpEmailChannel(replace(channel_settings, smtp_port=port))
+        channel.send("jörg@example.com", MESSAGE)
+        channel.close()
+
+    (envelope,) = envelopes
+    assert envelope.rcpt_tos == ["jörg@example.com"]
+    assert "SMTPUTF8" in envelope.mail_options
+    msg = email.message_from_bytes(envelope.original_content, policy=policy.default)
+    assert msg["To"] == "jörg@example.com" and msg["Message-ID"] == MESSAGE.message_id
 
 
 # --- connections -------------------------------------------------------------------------

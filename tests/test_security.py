@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import traceback
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -527,3 +528,21 @@ def test_status_shows_producer_text_without_terminal_escapes(db_url, db):
     assert result.exit_code == 0
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "evil\\x1b[2J\\x1b]0;owned\\x07: title: empty" in result.output
+
+
+def test_an_echoed_smtp_password_is_masked_before_the_reason_is_cut_short(channel_settings):
+    from alerts.channels.email import SmtpEmailChannel
+    from alerts.channels.http import MAX_DESCRIPTION_CHARS
+    from alerts.messages import EmailMessage
+    from tests.fakes.smtp_server import FakeSmtpServer
+
+    with FakeSmtpServer(users={SMTP_USER: SMTP_PASSWORD}) as server:
+        # The password straddles the point where the reason is cut.
+        server.fail_data("451 4.3.0 " + "x" * (MAX_DESCRIPTION_CHARS - 20) + SMTP_PASSWORD)
+        channel = SmtpEmailChannel(replace(channel_settings, smtp_port=server.port, smtp_user=SMTP_USER,
+                                           smtp_password=SMTP_PASSWORD))
+        with pytest.raises(DeliveryError) as caught:
+            channel.send("alice@example.com", EmailMessage(subject="s", text="t", html="<p>t</p>", message_id="<m1@x>"))
+        channel.close()
+    assert caught.value.reason.startswith("smtp 451 4.3.0 xxx")
+    assert_hidden(caught.value.reason + repr(caught.value), (SMTP_PASSWORD,))

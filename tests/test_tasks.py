@@ -470,6 +470,168 @@ def test_recover_stale_requeues_an_abandoned_send_and_enqueues_it(app, conn, bro
     assert (sent["status"], sent["attempts"]) == ("sent", 2)
 
 
+# --- the send path: connections, claims and outcomes ------------------------------------
+
+@contextmanager
+def counting_checkouts(engine):
+    checkouts = []
+
+    def on_checkout(*_):
+        checkouts.append(1)
+
+    sa.event.listen(engine, "checkout", on_checkout)
+    try:
+        yield checkouts
+    finally:
+        sa.event.remove(engine, "checkout", on_checkout)
+
+
+def test_send_tasks_share_one_database_connection(app, conn, smtp_server):
+    user = add_user(conn)
+    deliveries = [add_delivery(conn, user, add_event(conn, status="fanned_out")) for _ in range(3)]
+    send = app.tasks["alerts.send_delivery"]
+
+    with counting_checkouts(worker.db().engine) as checkouts:
+        assert [send.apply((delivery,)).get() for delivery in deliveries] == ["sent"] * 3
+
+    assert len(checkouts) == 1
+    assert len(smtp_server.messages) == 3
+
+
+def test_the_shared_connection_is_replaced_after_an_idle_spell(app, conn, smtp_server, monkeypatch):
+    import alerts.tasks
+
+    monkeypatch.setattr(alerts.tasks, "CONNECTION_IDLE_SECONDS", -1.0)
+    user = add_user(conn)
+    deliveries = [add_delivery(conn, user, add_event(conn, status="fanned_out")) for _ in range(2)]
+
+    with counting_checkouts(worker.db().engine) as checkouts:
+        for delivery in deliveries:
+            assert app.tasks["alerts.send_delivery"].apply((delivery,)).get() == "sent"
+
+    assert len(checkouts) == 2
+
+
+def test_a_shared_connection_the_server_dropped_is_replaced_without_a_task_retry(app, conn, smtp_server):
+    user = add_user(conn)
+    first, second = (add_delivery(conn, user, add_event(conn, status="fanned_out")) for _ in range(2))
+    send = app.tasks["alerts.send_delivery"]
+    assert send.apply((first,)).get() == "sent"
+    terminate_other_sessions(conn)
+
+    with receiving(task_retry) as retried:
+        assert send.apply((second,)).get() == "sent"
+
+    assert retried == []
+    assert len(smtp_server.messages) == 2
+    assert row(conn, m.user_alert_deliveries, second)["attempts"] == 1
+
+
+def terminate_other_sessions(conn) -> None:
+    conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+
+
+class TerminatingChannel:
+    """The real email channel; the database drops every other session while it sends."""
+
+    name = "email"
+
+    def __init__(self, inner, conn):
+        self.inner, self.conn = inner, conn
+
+    def send(self, recipient, message):
+        terminate_other_sessions(self.conn)
+        self.inner.send(recipient, message)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_an_outcome_is_recorded_when_the_database_dropped_the_connection_during_the_send(
+        app, conn, smtp_server):
+    """A lost outcome would leave the row in ``sending``: sent again after the lease."""
+    from alerts.channels.email import SmtpEmailChannel
+    from alerts.channels.registry import ChannelSet
+    from alerts.phases.send import INSTANT, send_one
+
+    delivery = add_delivery(conn, add_user(conn), add_event(conn, status="fanned_out"))
+    channels = ChannelSet({"email": TerminatingChannel(SmtpEmailChannel(worker.get_settings()), conn)})
+    try:
+        outcome = send_one(worker.db(), INSTANT, delivery, datetime.now(timezone.utc), worker.get_settings(),
+                           channels, autocommit=worker.send_statements())
+    finally:
+        channels.close()
+
+    assert outcome == "sent"
+    assert row(conn, m.user_alert_deliveries, delivery)["status"] == "sent"
+    assert len(smtp_server.messages) == 1
+
+
+def test_a_claim_is_given_back_when_the_message_cannot_be_rendered(app, conn, smtp_server, monkeypatch):
+    import alerts.phases.send
+
+    digest = add_digest(conn, add_user(conn))
+    send = app.tasks["alerts.send_digest"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("template bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(alerts.phases.send, "render_digest", broken)
+        result = send.apply((digest,), {"now": iso(AFTER_WINDOW)})
+    assert result.failed() and isinstance(result.result, RuntimeError)
+    untouched = row(conn, m.user_alert_digests, digest)
+    assert (untouched["status"], untouched["attempts"], untouched["claimed_at"]) == ("queued", 0, None)
+
+    assert send.apply((digest,), {"now": iso(AFTER_WINDOW)}).get() == "sent"
+    assert row(conn, m.user_alert_digests, digest)["attempts"] == 1
+    assert len(smtp_server.messages) == 1
+
+
+class WatchingChannel:
+    """The real email channel; before each send it notes what another connection sees
+    of every delivery's status."""
+
+    name = "email"
+
+    def __init__(self, inner, engine):
+        self.inner, self.engine, self.seen = inner, engine, []
+
+    def send(self, recipient, message):
+        table = m.user_alert_deliveries
+        with self.engine.connect() as other:
+            self.seen.append(dict(other.execute(sa.select(table.c.id, table.c.status).order_by(table.c.id)).all()))
+        self.inner.send(recipient, message)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_phase_c_commits_its_claims_before_sending_and_each_outcome_before_the_next_send(
+        db_url, settings, smtp_server):
+    from alerts.channels.email import SmtpEmailChannel
+    from alerts.channels.registry import ChannelSet
+    from alerts.db import Database
+    from alerts.phases.send import run_phase_c
+
+    engine = make_engine(db_url)
+    with engine.begin() as setup:
+        user = add_user(setup)
+        a, b, c = (add_delivery(setup, user, add_event(setup, status="fanned_out")) for _ in range(3))
+    channel = WatchingChannel(SmtpEmailChannel(with_fakes(settings, smtp_server)), engine)
+    try:
+        counts = run_phase_c(Database(engine), datetime.now(timezone.utc), settings, ChannelSet({"email": channel}))
+    finally:
+        channel.close()
+        engine.dispose()
+
+    assert counts["instant"]["sent"] == 3
+    assert channel.seen == [{a: "sending", b: "sending", c: "sending"},
+                            {a: "sent", b: "sending", c: "sending"},
+                            {a: "sent", b: "sent", c: "sending"}]
+
+
 def test_ingest_event_stores_an_event_once(app, conn):
     event = {"event_key": "gas-nl-1", "alert_type": "price_spike", "region": "NL", "severity": 4,
              "title": "TTF day-ahead +18%"}

@@ -2,6 +2,7 @@
 labels, and the defensive view of one event that every template receives."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from typing import Mapping, Sequence
@@ -15,10 +16,13 @@ from alerts.messages.telegram_fit import truncate_utf16
 
 MESSAGE_ID_DOMAIN = "alerts.energyriskiq.com"
 SEVERITY_LABELS = {1: "low", 2: "moderate", 3: "elevated", 4: "high", 5: "critical"}
+_WHITESPACE = re.compile(r"\s")  # the same characters as str.isspace()
 
 _loader = jinja2.PackageLoader("alerts.messages", "templates")
+# Templates ship inside the package and never change under a running process: compile
+# each once and never stat its file again (auto_reload would, on every render and import).
 _common = dict(loader=_loader, undefined=jinja2.StrictUndefined, trim_blocks=True,
-               lstrip_blocks=True, keep_trailing_newline=False)
+               lstrip_blocks=True, keep_trailing_newline=False, auto_reload=False, cache_size=-1)
 # HTML email and Telegram HTML: everything from an event is escaped. Markupsafe writes
 # &amp; &lt; &gt; &#34; &#39;, all of which Telegram's HTML parse mode accepts.
 html_env = jinja2.Environment(autoescape=True, **_common)
@@ -41,7 +45,7 @@ def safe_url(url: object) -> str | None:
         return None
     url = url.strip()
     parsed = urlparse(url)
-    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in url):
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc or _WHITESPACE.search(url):
         return None
     return url
 

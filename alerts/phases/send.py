@@ -7,14 +7,22 @@ Every send follows the same three steps, each of which the caller can rely on:
 3. record the outcome, fenced on (status='sending', attempts) so a process whose lease
    expired and whose row was re-claimed by someone else cannot overwrite the newer claim.
 Rows left in ``sending`` past the lease are put back by ``recover_stale``.
+
+On PostgreSQL (outside a dry run) claims, loads and outcomes are single statements on
+one connection in autocommit mode: the server commits each one as it runs, as durably
+as a transaction would, in one round trip instead of four (pool ping, BEGIN, statement,
+COMMIT). That keeps the per-message cost of recording each outcome right after its send
+small without batching outcomes, which would widen the duplicate window after a crash.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -28,6 +36,9 @@ from alerts.db import Database, is_postgres
 from alerts.messages import Message, render_digest, render_instant
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Write = Callable[[Callable[[Connection], T]], T]
 
 
 @dataclass
@@ -64,7 +75,17 @@ class Kind:
     label: str
     table: Callable[[], sa.Table]
     due: Callable[[sa.Table, datetime], list]
-    load: Callable[[Connection, list[tuple[int, int]], Settings, ChannelSet], list[Job]]
+    # The data a send needs, for claimed rows: one query (parameters ``ids`` and
+    # ``timezone``, the app's), then the jobs made from its rows.
+    query: Callable[[], sa.Select]
+    jobs: Callable[[Sequence[Mapping], dict[int, int], Settings, ChannelSet], list[Job]]
+
+    def load(self, conn: Connection, claimed: list[tuple[int, int]], settings: Settings,
+             channels: ChannelSet) -> list[Job]:
+        """Jobs (rendered messages, or skip reasons) for claimed (id, attempts) pairs."""
+        ids = [row_id for row_id, _ in claimed]
+        rows = conn.execute(self.query(), {"ids": ids, "timezone": settings.timezone}).mappings().all()
+        return self.jobs(rows, dict(claimed), settings, channels)
 
 
 # --- the phase ---------------------------------------------------------------------------
@@ -82,34 +103,132 @@ def send_due(db: Database, kind: Kind, now: datetime, settings: Settings, channe
              rng: random.Random | None = None) -> SendCounts:
     """Claim due rows a batch at a time and send them until none are due."""
     counts = SendCounts()
-    while True:
-        with db.transaction() as conn:
-            claimed = claim_due(conn, kind.table(), kind.due(kind.table(), now), now, settings.send_batch_size)
-            if not claimed:
+    table = kind.table()
+    due = kind.due(table, now)
+    with statements(db) as write:
+        while True:
+            jobs = claim(write, kind, lambda conn: claim_due(conn, table, due, now, settings.send_batch_size),
+                         now, settings, channels)
+            if not jobs:
                 return counts
-            jobs = kind.load(conn, claimed, settings, channels)
-        for job in jobs:
-            counts.add(_send_and_record(db, kind, job, now, settings, channels, rng))
+            for job in jobs:
+                counts.add(_send_and_record(write, kind, job, now, settings, channels, rng))
 
 
 def send_one(db: Database, kind: Kind, row_id: int, now: datetime, settings: Settings,
-             channels: ChannelSet, rng: random.Random | None = None) -> str | None:
+             channels: ChannelSet, rng: random.Random | None = None, *,
+             autocommit: Autocommit | None = None) -> str | None:
     """Claim and send one row (the Celery send tasks). Returns the outcome status, or
-    None when the row was not due or another process had already claimed it."""
-    with db.transaction() as conn:
-        table = kind.table()
-        claimed = claim_due(conn, table, [table.c.id == row_id, *kind.due(table, now)], now, 1)
-        if not claimed:
+    None when the row was not due or another process had already claimed it.
+    ``autocommit``: see ``statements``.
+    """
+    with statements(db, autocommit) as write:
+        jobs = claim(write, kind, lambda conn: _claim_one(conn, kind, row_id, now), now, settings, channels)
+        if not jobs:
             return None
-        (job,) = kind.load(conn, claimed, settings, channels)
-    return _send_and_record(db, kind, job, now, settings, channels, rng).status
+        return _send_and_record(write, kind, jobs[0], now, settings, channels, rng).status
 
 
-def _send_and_record(db, kind, job: Job, now, settings, channels, rng) -> retry.Outcome:
+@contextmanager
+def statements(db: Database, autocommit: Autocommit | None = None) -> Iterator[Write]:
+    """``write(fn)`` runs ``fn(conn)`` and has it committed before returning.
+
+    On PostgreSQL outside a dry run, every ``fn`` given here runs a single statement,
+    through ``autocommit`` when given (a Celery worker keeps one across its tasks), else
+    through one of its own for the block. Elsewhere — SQLite, and dry runs, whose
+    writes are savepoints — each call is its own ``db.transaction()``.
+    """
+    if db.dry_run or not db.is_postgres:
+        def write(fn):
+            with db.transaction() as conn:
+                return fn(conn)
+
+        yield write
+    elif autocommit is not None:
+        yield autocommit
+    else:
+        own = Autocommit(db.engine)
+        try:
+            yield own
+        finally:
+            own.close()
+
+
+class Autocommit:
+    """Single statements on one PostgreSQL connection in autocommit mode, opened on
+    first use.
+
+    When the server has dropped the connection (a restart, pg_terminate_backend, a
+    pooler recycling it — possibly while a message was being sent), the statement runs
+    once more on a fresh connection. Every statement given here may be repeated: a
+    load only reads; an outcome is fenced on the claim (status and attempts), so a
+    repeat after a lost reply changes nothing; a claim repeated after a lost reply
+    finds its row taken, and that row is sent after the lease, once, like any
+    abandoned claim. Without this, an outcome could be lost after a successful send,
+    and the row sent a second time after the lease.
+    """
+
+    def __init__(self, engine: sa.Engine):
+        self._engine = engine
+        self._conn: Connection | None = None
+
+    def __call__(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            return self._run(fn)
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("database connection lost (%s); running the statement again on a new one",
+                        type(exc.orig).__name__)
+            return self._run(fn)
+
+    def _run(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            return fn(self._connection())
+        except BaseException:
+            self.close()  # whatever state an error left the connection in, it is not reused
+            raise
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        return self._conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sa.exc.SQLAlchemyError as exc:  # already broken: nothing left to release
+                log.debug("closing a database connection failed: %s", exc)
+
+
+def claim(write: Write, kind: Kind, claim_rows: Callable[[Connection], list[tuple[int, int]]], now: datetime,
+          settings: Settings, channels: ChannelSet) -> list[Job]:
+    """Claim rows with ``claim_rows`` (one committed statement), then load and render them.
+
+    The load is a statement of its own, after the claim: only a row's claim shuts
+    Phase D out of it, so only a read that starts after the claim sees every item Phase
+    D attached. If loading or rendering fails, the claims are given back (the row stays
+    queued, the attempt uncounted) before the error goes on.
+    """
+    table = kind.table()
+    claimed = write(claim_rows)
+    if not claimed:
+        return []
+    try:
+        return write(lambda conn: kind.load(conn, claimed, settings, channels))
+    except BaseException:
+        write(lambda conn: _release(conn, table, claimed, now))
+        raise
+
+
+def _send_and_record(write: Write, kind: Kind, job: Job, now, settings, channels, rng) -> retry.Outcome:
     outcome = _attempt(job, now, settings, channels, rng)
-    with db.transaction() as conn:
-        if not record(conn, kind.table(), job, outcome):
-            log.warning("%s %s: claim lost before the outcome (%s) was recorded", kind.label, job.id, outcome.status)
+    # Committed right after the send, one row at a time: batching outcomes would widen
+    # the "sent, but not recorded" window that a crash turns into a duplicate.
+    if not write(lambda conn: record(conn, kind.table(), job, outcome)):
+        log.warning("%s %s: claim lost before the outcome (%s) was recorded", kind.label, job.id, outcome.status)
     return outcome
 
 
@@ -144,17 +263,57 @@ def claim_due(conn: Connection, table: sa.Table, where: Iterable, now: datetime,
     return sorted((row.id, row.attempts) for row in conn.execute(stmt))
 
 
+def _claim_one(conn: Connection, kind: Kind, row_id: int, now: datetime) -> list[tuple[int, int]]:
+    """``claim_due`` for one row by id, with a statement built once."""
+    rows = conn.execute(_claim_one_statement(kind, is_postgres(conn)), {"c_id": row_id, "c_now": now})
+    return [(row.id, row.attempts) for row in rows]
+
+
+@functools.cache
+def _claim_one_statement(kind: Kind, postgres: bool) -> sa.Update:
+    table = kind.table()
+    now = sa.bindparam("c_now", type_=table.c.claimed_at.type)
+    pick = sa.select(table.c.id).where(table.c.status == "queued", table.c.id == sa.bindparam("c_id"),
+                                       *kind.due(table, now))
+    if postgres:
+        pick = pick.with_for_update(skip_locked=True)
+    return (sa.update(table)
+            .where(table.c.id.in_(pick.scalar_subquery()))
+            .values(status="sending", attempts=table.c.attempts + 1, claimed_at=now)
+            .returning(table.c.id, table.c.attempts))
+
+
 def record(conn: Connection, table: sa.Table, job: Job, outcome: retry.Outcome) -> bool:
     """Write the outcome if our claim still stands. A skip gives the attempt back: no
     send was tried."""
     attempts = job.attempts - 1 if outcome.status == "skipped" else job.attempts
-    result = conn.execute(
-        sa.update(table)
-        .where(table.c.id == job.id, table.c.status == "sending", table.c.attempts == job.attempts)
-        .values(status=outcome.status, last_error=outcome.last_error, next_retry_at=outcome.next_retry_at,
-                sent_at=outcome.sent_at, claimed_at=None, attempts=attempts)
-    )
+    result = conn.execute(_record_statement(table), {
+        "r_id": job.id, "r_claimed_attempts": job.attempts, "r_status": outcome.status,
+        "r_last_error": outcome.last_error, "r_next_retry_at": outcome.next_retry_at,
+        "r_sent_at": outcome.sent_at, "r_attempts": attempts})
     return result.rowcount == 1
+
+
+@functools.cache
+def _record_statement(table: sa.Table) -> sa.Update:
+    """``record``'s UPDATE, built once: it runs after every send, and building and
+    hashing a fresh statement each time costs more than the database does."""
+    def param(name: str, column: sa.Column | None = None) -> sa.BindParameter:
+        return sa.bindparam(f"r_{name}", type_=(column if column is not None else table.c[name]).type)
+
+    return (sa.update(table)
+            .where(table.c.id == param("id"), table.c.status == "sending",
+                   table.c.attempts == param("claimed_attempts", table.c.attempts))
+            .values(status=param("status"), last_error=param("last_error"), next_retry_at=param("next_retry_at"),
+                    sent_at=param("sent_at"), claimed_at=None, attempts=param("attempts")))
+
+
+def _release(conn: Connection, table: sa.Table, claimed: list[tuple[int, int]], now: datetime) -> None:
+    """Undo claims that were never sent: back to queued, the attempt not counted."""
+    conn.execute(sa.update(table)
+                 .where(table.c.id.in_([row_id for row_id, _ in claimed]), table.c.status == "sending",
+                        table.c.claimed_at == now)
+                 .values(status="queued", attempts=table.c.attempts - 1, claimed_at=None))
 
 
 def recover_stale(db: Database, now: datetime, settings: Settings) -> dict:
@@ -192,19 +351,20 @@ def _due_instant(table: sa.Table, now: datetime) -> list:
     ]
 
 
-def _load_instant(conn: Connection, claimed: list[tuple[int, int]], settings: Settings,
-                  channels: ChannelSet) -> list[Job]:
+@functools.cache
+def _instant_query() -> sa.Select:
     d, u, e = m.user_alert_deliveries, m.users, m.alert_events
-    attempts = dict(claimed)
-    rows = conn.execute(
-        sa.select(d.c.id.label("delivery_id"), d.c.channel, u.c.is_active,
-                  u.c.email, u.c.telegram_chat_id, u.c.phone,
-                  e.c.id, e.c.event_key, e.c.alert_type, e.c.region, e.c.severity, e.c.title,
-                  e.c.summary, e.c.url, e.c.created_at)
-        .select_from(d.join(u, u.c.id == d.c.user_id).join(e, e.c.id == d.c.alert_event_id))
-        .where(d.c.id.in_(list(attempts)))
-        .order_by(d.c.id)
-    ).mappings()
+    return (sa.select(d.c.id.label("delivery_id"), d.c.channel, u.c.is_active,
+                      u.c.email, u.c.telegram_chat_id, u.c.phone,
+                      e.c.id, e.c.event_key, e.c.alert_type, e.c.region, e.c.severity, e.c.title,
+                      e.c.summary, e.c.url, e.c.created_at)
+            .select_from(d.join(u, u.c.id == d.c.user_id).join(e, e.c.id == d.c.alert_event_id))
+            .where(d.c.id.in_(sa.bindparam("ids", expanding=True)))
+            .order_by(d.c.id))
+
+
+def _instant_jobs(rows: Sequence[Mapping], attempts: dict[int, int], settings: Settings,
+                  channels: ChannelSet) -> list[Job]:
     jobs = []
     for row in rows:
         job = Job(row["delivery_id"], attempts[row["delivery_id"]], row["channel"])
@@ -226,7 +386,7 @@ def _address(job: Job, user_row, channels: ChannelSet) -> None:
     job.recipient = address or None
 
 
-INSTANT = Kind("instant", lambda: m.user_alert_deliveries, _due_instant, _load_instant)
+INSTANT = Kind("instant", lambda: m.user_alert_deliveries, _due_instant, _instant_query, _instant_jobs)
 
 
 # --- digests ------------------------------------------------------------------------------
@@ -235,37 +395,43 @@ def _due_digest(table: sa.Table, now: datetime) -> list:
     return [table.c.next_retry_at <= now]
 
 
-def _load_digests(conn: Connection, claimed: list[tuple[int, int]], settings: Settings,
-                  channels: ChannelSet) -> list[Job]:
+_EVENT_KEYS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at")
+
+
+@functools.cache
+def _digest_query() -> sa.Select:
+    """One row per item (a digest without items: one row, its event columns null)."""
     g, i, d, u, e = (m.user_alert_digests, m.user_alert_digest_items, m.user_alert_deliveries,
                      m.users, m.alert_events)
-    attempts = dict(claimed)
-    digests = conn.execute(
-        sa.select(g.c.id, g.c.digest_key, g.c.user_id, g.c.channel, g.c.period, g.c.window_start,
-                  g.c.window_end, u.c.is_active, u.c.email, u.c.telegram_chat_id, u.c.phone,
-                  sa.func.coalesce(u.c.timezone, settings.timezone).label("timezone"))
-        .select_from(g.join(u, u.c.id == g.c.user_id))
-        .where(g.c.id.in_(list(attempts)))
-        .order_by(g.c.id)
-    ).mappings().all()
-    items: dict[int, list] = {digest["id"]: [] for digest in digests}
-    for row in conn.execute(
-        sa.select(i.c.digest_id, e.c.id, e.c.event_key, e.c.alert_type, e.c.region, e.c.severity,
-                  e.c.title, e.c.summary, e.c.url, e.c.created_at)
-        .select_from(i.join(d, d.c.id == i.c.delivery_id).join(e, e.c.id == d.c.alert_event_id))
-        .where(i.c.digest_id.in_(list(attempts)))
-    ).mappings():
-        items[row["digest_id"]].append(row)
+    return (sa.select(g.c.id.label("digest_id"), g.c.digest_key, g.c.channel, g.c.period, g.c.window_start,
+                      g.c.window_end, u.c.is_active, u.c.email, u.c.telegram_chat_id, u.c.phone,
+                      sa.func.coalesce(u.c.timezone, sa.bindparam("timezone", type_=sa.Text)).label("timezone"),
+                      *(e.c[key] for key in _EVENT_KEYS))
+            .select_from(g.join(u, u.c.id == g.c.user_id)
+                         .outerjoin(i, i.c.digest_id == g.c.id)
+                         .outerjoin(d, d.c.id == i.c.delivery_id)
+                         .outerjoin(e, e.c.id == d.c.alert_event_id))
+            .where(g.c.id.in_(sa.bindparam("ids", expanding=True)))
+            .order_by(g.c.id))
+
+
+def _digest_jobs(rows: Sequence[Mapping], attempts: dict[int, int], settings: Settings,
+                 channels: ChannelSet) -> list[Job]:
+    digests: dict[int, tuple[Mapping, list[dict]]] = {}
+    for row in rows:
+        _, items = digests.setdefault(row["digest_id"], (row, []))
+        if row["id"] is not None:
+            items.append({key: row[key] for key in _EVENT_KEYS})
     jobs = []
-    for digest in digests:
-        job = Job(digest["id"], attempts[digest["id"]], digest["channel"])
+    for digest_id, (digest, items) in digests.items():
+        job = Job(digest_id, attempts[digest_id], digest["channel"])
         _address(job, digest, channels)
-        if not items[job.id]:
+        if not items:
             job.skip_reason = "digest has no items"
         if job.skip_reason is None and channels.get(job.channel) is not None:
-            job.message = render_digest(job.channel, digest, items[job.id], settings=settings)
+            job.message = render_digest(job.channel, digest, items, settings=settings)
         jobs.append(job)
     return jobs
 
 
-DIGEST = Kind("digests", lambda: m.user_alert_digests, _due_digest, _load_digests)
+DIGEST = Kind("digests", lambda: m.user_alert_digests, _due_digest, _digest_query, _digest_jobs)

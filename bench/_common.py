@@ -1,0 +1,123 @@
+"""Helpers shared by the send benchmarks: a throwaway PostgreSQL database, an aiosmtpd
+server in a process of its own, and the bare smtplib reference loop.
+
+The SMTP server runs in its own process so its CPU never competes for a sender's GIL;
+both the reference loop and the code under test talk to the same server.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import smtplib
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ADMIN_URL = os.environ.get("ALERTS_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
+
+
+# --- the SMTP server, in its own process -----------------------------------------------------
+
+def _serve_smtp(pipe) -> None:
+    from tests.fakes.smtp_server import FakeSmtpServer
+
+    with FakeSmtpServer() as server:
+        pipe.send(server.port)
+        while True:
+            command = pipe.recv()
+            if command == "count":
+                pipe.send(len(server._received))
+            elif command == "ids":
+                pipe.send([m.group(1).decode() for mail in server.messages
+                           if (m := _MESSAGE_ID.search(mail.data))])
+            elif command == "sizes":
+                pipe.send([len(mail.data) for mail in server.messages])
+            elif command == "reset":
+                server.reset()
+                pipe.send(True)
+            elif command == "stop":
+                return
+
+
+class SmtpServerProcess:
+    """tests/fakes/smtp_server.FakeSmtpServer in a child process, asked over a pipe."""
+
+    def __init__(self):
+        self._pipe, child = multiprocessing.Pipe()
+        self._process = multiprocessing.Process(target=_serve_smtp, args=(child,), daemon=True)
+        self._process.start()
+        self.port = self._pipe.recv()
+
+    def ask(self, command: str):
+        self._pipe.send(command)
+        return self._pipe.recv()
+
+    def stop(self) -> None:
+        self._pipe.send("stop")
+        self._process.join(5)
+
+
+# --- a throwaway database ---------------------------------------------------------------------
+
+def create_database(prefix: str, admin_url: str = ADMIN_URL) -> str:
+    import sqlalchemy as sa
+
+    from alerts.db import make_engine, migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    return url
+
+
+def drop_database(url: str, admin_url: str = ADMIN_URL) -> None:
+    import sqlalchemy as sa
+
+    from alerts.db import make_engine
+
+    name = sa.engine.make_url(url).database
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.dispose()
+
+
+def smtp_settings(url: str, port: int, **extra: str):
+    from alerts.config import Settings
+
+    return Settings.from_env({"DATABASE_URL": url, "ALERTS_SMTP_HOST": "127.0.0.1", "ALERTS_SMTP_PORT": str(port),
+                              "ALERTS_SMTP_TLS": "none", **extra})
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+def bare_smtplib(port: int, sender: str, recipient: str, data: bytes, n: int) -> float:
+    """Seconds for one reused smtplib connection to send ``data`` n times."""
+    started = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port) as smtp:
+        for _ in range(n):
+            smtp.sendmail(sender, [recipient], data)
+    return time.perf_counter() - started
+
+
+def wait_for(predicate, timeout: float, poll: float = 0.05) -> float:
+    """perf_counter() at the moment ``predicate()`` first held."""
+    started = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError("timed out")
+        time.sleep(poll)
+    return time.perf_counter()
