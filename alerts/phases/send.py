@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +38,11 @@ from alerts.db import Database, is_postgres
 from alerts.messages import Message, render_digest, render_instant
 
 log = logging.getLogger(__name__)
+
+# How long a statement waits for the database to come back (7.6 s in all, far below any
+# sensible lease): an outcome that cannot be written leaves its row in `sending`, and the
+# row would be sent a second time after the lease although this process knows it was sent.
+RECONNECT_PAUSES_SECONDS = (0.1, 0.5, 1.0, 2.0, 4.0)
 
 T = TypeVar("T")
 Write = Callable[[Callable[[Connection], T]], T]
@@ -101,18 +108,37 @@ def run_phase_c(db: Database, now: datetime, settings: Settings, channels: Chann
 
 def send_due(db: Database, kind: Kind, now: datetime, settings: Settings, channels: ChannelSet,
              rng: random.Random | None = None) -> SendCounts:
-    """Claim due rows a batch at a time and send them until none are due."""
+    """Claim due rows a batch at a time and send them until none are due.
+
+    Time runs on from ``now`` while the run lasts: each claim is stamped with the time
+    it is taken, so another process's lease recovery never sees a fresh claim as old. A
+    batch whose sends outlast half the lease (a slow provider) gives its unsent rows back
+    and claims afresh, so no claim of ours is ever recovered — and sent again — by
+    someone else while we still hold it.
+    """
     counts = SendCounts()
     table = kind.table()
     due = kind.due(table, now)
-    with statements(db) as write:
+    started = time.monotonic()
+    budget = settings.sending_lease_seconds / 2
+    with statements(db) as write, _Outcomes(write, kind, pipelined=isinstance(write, Autocommit)) as outcomes:
         while True:
-            jobs = claim(write, kind, lambda conn: claim_due(conn, table, due, now, settings.send_batch_size),
-                         now, settings, channels)
+            claimed_at = now + timedelta(seconds=time.monotonic() - started)
+            jobs = claim(write, kind,
+                         lambda conn: claim_due(conn, table, due, claimed_at, settings.send_batch_size),
+                         settings, channels)
             if not jobs:
                 return counts
-            for job in jobs:
-                counts.add(_send_and_record(write, kind, job, now, settings, channels, rng))
+            give_back_at = time.monotonic() + budget
+            for n, job in enumerate(jobs):
+                if time.monotonic() > give_back_at:
+                    outcomes.wait()
+                    write(lambda conn: _release(conn, table, [(j.id, j.attempts) for j in jobs[n:]]))
+                    break
+                outcome = _attempt(job, now, settings, channels, rng)
+                counts.add(outcome)
+                outcomes.record(job, outcome)
+            outcomes.wait()
 
 
 def send_one(db: Database, kind: Kind, row_id: int, now: datetime, settings: Settings,
@@ -123,10 +149,12 @@ def send_one(db: Database, kind: Kind, row_id: int, now: datetime, settings: Set
     ``autocommit``: see ``statements``.
     """
     with statements(db, autocommit) as write:
-        jobs = claim(write, kind, lambda conn: _claim_one(conn, kind, row_id, now), now, settings, channels)
+        jobs = claim(write, kind, lambda conn: _claim_one(conn, kind, row_id, now), settings, channels)
         if not jobs:
             return None
-        return _send_and_record(write, kind, jobs[0], now, settings, channels, rng).status
+        outcome = _attempt(jobs[0], now, settings, channels, rng)
+        _record_outcome(write, kind, jobs[0], outcome)
+        return outcome.status
 
 
 @contextmanager
@@ -173,14 +201,18 @@ class Autocommit:
         self._conn: Connection | None = None
 
     def __call__(self, fn: Callable[[Connection], T]) -> T:
-        try:
-            return self._run(fn)
-        except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            log.warning("database connection lost (%s); running the statement again on a new one",
-                        type(exc.orig).__name__)
-            return self._run(fn)
+        for pause in (*RECONNECT_PAUSES_SECONDS, None):
+            try:
+                return self._run(fn)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                # Lost: the statement's connection dropped, or no new one could be
+                # opened (the server restarting, a failover): wait a little, try again.
+                if pause is None or not (exc.connection_invalidated or self._conn is None):
+                    raise
+                log.warning("database connection lost (%s); running the statement again in %ss",
+                            type(exc.orig).__name__, pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def _run(self, fn: Callable[[Connection], T]) -> T:
         try:
@@ -203,7 +235,7 @@ class Autocommit:
                 log.debug("closing a database connection failed: %s", exc)
 
 
-def claim(write: Write, kind: Kind, claim_rows: Callable[[Connection], list[tuple[int, int]]], now: datetime,
+def claim(write: Write, kind: Kind, claim_rows: Callable[[Connection], list[tuple[int, int]]],
           settings: Settings, channels: ChannelSet) -> list[Job]:
     """Claim rows with ``claim_rows`` (one committed statement), then load and render them.
 
@@ -219,17 +251,53 @@ def claim(write: Write, kind: Kind, claim_rows: Callable[[Connection], list[tupl
     try:
         return write(lambda conn: kind.load(conn, claimed, settings, channels))
     except BaseException:
-        write(lambda conn: _release(conn, table, claimed, now))
+        write(lambda conn: _release(conn, table, claimed))
         raise
 
 
-def _send_and_record(write: Write, kind: Kind, job: Job, now, settings, channels, rng) -> retry.Outcome:
-    outcome = _attempt(job, now, settings, channels, rng)
-    # Committed right after the send, one row at a time: batching outcomes would widen
-    # the "sent, but not recorded" window that a crash turns into a duplicate.
+def _record_outcome(write: Write, kind: Kind, job: Job, outcome: retry.Outcome) -> None:
     if not write(lambda conn: record(conn, kind.table(), job, outcome)):
         log.warning("%s %s: claim lost before the outcome (%s) was recorded", kind.label, job.id, outcome.status)
-    return outcome
+
+
+class _Outcomes:
+    """Records each outcome right after its send, one row at a time: batching outcomes
+    would widen the "sent, but not recorded" window that a crash turns into a duplicate.
+
+    ``pipelined`` (PostgreSQL autocommit): the commit of one outcome runs in a helper
+    thread while the next message is being sent — at most one outcome is ever in
+    flight, so a crash leaves at most two rows sent-but-unrecorded (each in the window
+    SPEC §2.7 allows), and both waits, the provider's and the database's, overlap. The
+    connection is never used by both threads at once: ``wait()`` comes before any other
+    statement.
+    """
+
+    def __init__(self, write: Write, kind: Kind, *, pipelined: bool):
+        self._write, self._kind = write, kind
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="alerts-outcomes") if pipelined else None
+        self._pending: Future | None = None
+
+    def record(self, job: Job, outcome: retry.Outcome) -> None:
+        if self._executor is None:
+            _record_outcome(self._write, self._kind, job, outcome)
+            return
+        self.wait()
+        self._pending = self._executor.submit(_record_outcome, self._write, self._kind, job, outcome)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "_Outcomes":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
 
 
 def _attempt(job: Job, now, settings, channels: ChannelSet, rng) -> retry.Outcome:
@@ -308,12 +376,19 @@ def _record_statement(table: sa.Table) -> sa.Update:
                     sent_at=param("sent_at"), claimed_at=None, attempts=param("attempts")))
 
 
-def _release(conn: Connection, table: sa.Table, claimed: list[tuple[int, int]], now: datetime) -> None:
-    """Undo claims that were never sent: back to queued, the attempt not counted."""
-    conn.execute(sa.update(table)
-                 .where(table.c.id.in_([row_id for row_id, _ in claimed]), table.c.status == "sending",
-                        table.c.claimed_at == now)
-                 .values(status="queued", attempts=table.c.attempts - 1, claimed_at=None))
+def _release(conn: Connection, table: sa.Table, claimed: list[tuple[int, int]]) -> None:
+    """Give back claims that were never sent: queued again, the attempt not counted.
+    Fenced like ``record``: a claim someone else has taken over since is left alone."""
+    conn.execute(_release_statement(table), [{"r_id": row_id, "r_claimed_attempts": attempts}
+                                             for row_id, attempts in claimed])
+
+
+@functools.cache
+def _release_statement(table: sa.Table) -> sa.Update:
+    return (sa.update(table)
+            .where(table.c.id == sa.bindparam("r_id"), table.c.status == "sending",
+                   table.c.attempts == sa.bindparam("r_claimed_attempts", type_=table.c.attempts.type))
+            .values(status="queued", attempts=table.c.attempts - 1, claimed_at=None))
 
 
 def recover_stale(db: Database, now: datetime, settings: Settings) -> dict:

@@ -1,0 +1,156 @@
+"""Phase C under trouble found by the soak (bench/soak.py):
+
+- a send whose database connection drops while the message is on its way still records
+  its outcome (pg_terminate_backend or a short outage during a send produced duplicates:
+  the row stayed in ``sending`` and was sent again after the lease);
+- a batch whose sends outlast the lease never has its claims recovered — and sent again —
+  by another process (a runner with slow SMTP produced duplicates)."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+
+from alerts import models as m
+from alerts.channels import Channel
+from alerts.channels.registry import ChannelSet
+from alerts.config import Settings
+from alerts.db import Database, make_engine
+from alerts.phases.send import INSTANT, recover_stale, send_due, send_one
+from tests.conftest import PG_ADMIN_URL
+from tests.factories import add_delivery, add_event, add_user
+
+NOW = datetime(2026, 5, 13, 12, 0, tzinfo=timezone.utc)
+
+
+class DropsTheDatabase(Channel):
+    """Accepts every message and, while doing so, drops every connection to the test
+    database — as a PostgreSQL restart or failover would — optionally refusing new ones
+    for ``outage`` seconds."""
+
+    name = "email"
+
+    def __init__(self, database: str, outage: float = 0.0):
+        self.database, self.outage, self.sent, self.timers = database, outage, [], []
+        self.admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def _sql(self, statement: str, *params) -> None:
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(statement, params)
+
+    def send(self, recipient, message) -> None:
+        if self.outage:
+            self._sql(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS false')
+            timer = threading.Timer(self.outage, self._sql,
+                                    (f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS true',))
+            timer.start()
+            self.timers.append(timer)
+        self._sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                  "AND pid <> pg_backend_pid()", self.database)
+        self.sent.append(recipient)
+
+    def close(self) -> None:
+        for timer in self.timers:  # the database accepts connections again before the next test
+            timer.join()
+        self.admin.dispose()
+
+
+def seed(engine, n: int = 1) -> list[int]:
+    with engine.begin() as conn:
+        user = add_user(conn)
+        return [add_delivery(conn, user, add_event(conn)) for _ in range(n)]
+
+
+def state(url: str, delivery_id: int) -> tuple:
+    fresh = make_engine(url)  # another connection: sees only what was committed
+    with fresh.connect() as conn:
+        found = conn.execute(sa.select(m.user_alert_deliveries.c.status, m.user_alert_deliveries.c.attempts)
+                             .where(m.user_alert_deliveries.c.id == delivery_id)).one()
+    fresh.dispose()
+    return tuple(found)
+
+
+def test_the_outcome_is_recorded_when_the_connection_drops_during_the_send(pg_url):
+    engine = make_engine(pg_url)
+    (delivery,) = seed(engine)
+    channel = DropsTheDatabase(engine.url.database)
+    try:
+        status = send_one(Database(engine), INSTANT, delivery, NOW, Settings(), ChannelSet({"email": channel}))
+    finally:
+        channel.close()
+        engine.dispose()
+    assert status == "sent"
+    assert len(channel.sent) == 1
+    assert state(pg_url, delivery) == ("sent", 1)
+
+
+def test_the_outcome_is_recorded_after_a_short_database_outage(pg_url):
+    engine = make_engine(pg_url)
+    (delivery,) = seed(engine)
+    channel = DropsTheDatabase(engine.url.database, outage=1.0)
+    try:
+        status = send_one(Database(engine), INSTANT, delivery, NOW, Settings(), ChannelSet({"email": channel}))
+    finally:
+        channel.close()
+        engine.dispose()
+    assert status == "sent"
+    assert state(pg_url, delivery) == ("sent", 1)
+
+
+def test_a_batch_goes_on_after_the_connection_drops(pg_url):
+    engine = make_engine(pg_url)
+    deliveries = seed(engine, 3)
+    channel = DropsTheDatabase(engine.url.database)
+    try:
+        counts = send_due(Database(engine), INSTANT, NOW, Settings(), ChannelSet({"email": channel}))
+    finally:
+        channel.close()
+        engine.dispose()
+    assert counts.sent == 3 and len(channel.sent) == 3
+    assert [state(pg_url, d) for d in deliveries] == [("sent", 1)] * 3
+
+
+class SlowChannel(Channel):
+    """Accepts every message after ``seconds``, like a provider with slow DATA."""
+
+    name = "email"
+
+    def __init__(self, seconds: float):
+        self.seconds, self.sent = seconds, []
+
+    def send(self, recipient, message) -> None:
+        time.sleep(self.seconds)
+        self.sent.append(message.message_id)
+
+
+def test_a_batch_that_outlasts_the_lease_is_never_recovered_and_sent_twice(pg_url):
+    """Another process recovers stale claims on the real clock all the while."""
+    engine = make_engine(pg_url)
+    deliveries = seed(engine, 8)
+    settings = replace(Settings(), sending_lease_seconds=2, send_batch_size=100, email_backend="smtp",
+                       smtp_host="127.0.0.1")
+    channel = SlowChannel(0.4)  # 8 sends: 3.2 s, longer than the lease
+    stop, recovered = threading.Event(), []
+
+    def recover_all_the_while():
+        while not stop.is_set():
+            recovered.append(recover_stale(Database(engine), datetime.now(timezone.utc), settings))
+            time.sleep(0.05)
+
+    recoverer = threading.Thread(target=recover_all_the_while)
+    recoverer.start()
+    try:
+        counts = send_due(Database(engine), INSTANT, datetime.now(timezone.utc), settings,
+                          ChannelSet({"email": channel}))
+    finally:
+        stop.set()
+        recoverer.join()
+        engine.dispose()
+    assert counts.sent == 8
+    assert sorted(Counter(channel.sent).values()) == [1] * 8
+    assert not any(any(r.values()) for r in recovered), "no claim of ours was ever taken for abandoned"
+    assert [state(pg_url, d) for d in deliveries] == [("sent", 1)] * 8
