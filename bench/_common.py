@@ -13,7 +13,9 @@ import smtplib
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -93,6 +95,23 @@ def drop_database(url: str, admin_url: str = ADMIN_URL) -> None:
         conn.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
     admin.dispose()
+
+
+@contextmanager
+def database(url: str | None = None, prefix: str = "alerts_bench") -> Iterator[str]:
+    """``url`` migrated (its alert tables are the caller's to empty), or a throwaway
+    database created for the block and dropped after it."""
+    from alerts.db import migrate
+
+    if url:
+        migrate(url)
+        yield url
+        return
+    url = create_database(prefix)
+    try:
+        yield url
+    finally:
+        drop_database(url)
 
 
 def smtp_settings(url: str, port: int, **extra: str):

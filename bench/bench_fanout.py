@@ -30,19 +30,16 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import sqlalchemy as sa  # noqa: E402
 
-from alerts.db import make_engine, migrate  # noqa: E402
+from alerts.db import make_engine  # noqa: E402
+from bench._common import database  # noqa: E402
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 NOW = datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)
 TARGET_RATIO, TARGET_RSS_MB = 1.3, 200
 
@@ -123,7 +120,7 @@ def main() -> None:
     args = _parse()
     if args.child:
         return _child(args.database_url)
-    with _database(args.database_url) as url:
+    with database(args.database_url) as url:
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
         result = _measure(engine, url, args)
         engine.dispose()
@@ -148,28 +145,6 @@ def _parse() -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
-
-
-@contextmanager
-def _database(url: str | None):
-    if url:
-        migrate(url)
-        yield url
-        return
-    name = f"alerts_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        url = sa.engine.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-        migrate(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.dispose()
 
 
 def _measure(engine, url: str, args) -> dict:
