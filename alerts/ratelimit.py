@@ -2,10 +2,17 @@
 
 Telegram allows a bot about 30 messages per second overall and one message per second
 to the same chat; past that it answers 429. The limiter is GCRA (the "generic cell rate
-algorithm", a token bucket kept as one timestamp per key): one Lua script checks the
-global and the per-chat bucket and takes a slot in both, or in neither, atomically.
-It never sleeps: ``acquire`` says how long to wait, and the Celery task re-schedules
-itself for then instead of holding a worker slot.
+algorithm", a token bucket kept as one timestamp per key), checked and updated
+atomically by one Lua script.
+
+It never sleeps, and a send that must wait *books* its slot, so that waiting sends do
+not stampede: when a chat's second has been used, ``acquire`` reserves that chat's next
+free second for the caller and says how long to wait; the Celery task re-schedules
+itself for then (instead of holding a worker slot) and, woken, asks only for a slot in
+the global budget — which it books the same way, the next free one. Tasks for one chat
+thus wake one per second, not all at once. A booking lost with its task (a killed
+worker) wastes one slot, never exceeds the limit. Waits longer than ``max_reserve``
+book nothing: the caller asks again later.
 """
 from __future__ import annotations
 
@@ -37,32 +44,58 @@ TELEGRAM_GLOBAL = Rate(per_second=25, burst=5)
 TELEGRAM_PER_CHAT = Rate(per_second=1, burst=1)
 
 # KEYS: the global bucket, the chat's bucket. ARGV: now in ms (-1: ask Redis, the one
-# clock every machine shares), then interval and burst of each bucket. A bucket is its
-# "theoretical arrival time" (TAT): a send is allowed once now ≥ TAT − (burst−1)·interval.
-# Returns 0 (slot taken) or the milliseconds to wait (nothing taken).
+# clock every machine shares); the interval and burst of each bucket; whether the caller
+# already holds its chat slot (1/0); the longest wait in ms that may be booked. A bucket
+# is its "theoretical arrival time" (TAT): a send is allowed at TAT − (burst−1)·interval.
+# Returns {wait ms, chat slot held (1/0), global slot held (1/0)}: the caller may send
+# after the wait when both are held.
 _SCRIPT = """
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local tats, waits = {}, {}
-for i = 1, 2 do
-  local interval = tonumber(ARGV[i * 2])
-  local burst = tonumber(ARGV[i * 2 + 1])
-  local tat = math.max(tonumber(redis.call('GET', KEYS[i]) or 0), now)
-  tats[i] = tat + interval
-  waits[i] = tats[i] - interval * burst - now
+local g_interval, g_burst = tonumber(ARGV[2]), tonumber(ARGV[3])
+local c_interval, c_burst = tonumber(ARGV[4]), tonumber(ARGV[5])
+local chat_held, max_reserve = tonumber(ARGV[6]), tonumber(ARGV[7])
+
+local function book(key, tat, interval)
+  redis.call('SET', key, string.format('%d', tat + interval), 'PX', tat + interval - now + 1000)
 end
-local wait = math.max(waits[1], waits[2])
-if wait > 0 then
-  return math.ceil(wait)
+
+local c_tat = math.max(tonumber(redis.call('GET', KEYS[2]) or 0), now)
+if chat_held == 0 then
+  local c_wait = c_tat - (c_burst - 1) * c_interval - now
+  if c_wait > 0 then
+    if c_wait > max_reserve then
+      return {c_wait, 0, 0}
+    end
+    book(KEYS[2], c_tat, c_interval)
+    return {c_wait, 1, 0}
+  end
 end
-for i = 1, 2 do
-  redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', tats[i] - now + 1000)
+
+local g_tat = math.max(tonumber(redis.call('GET', KEYS[1]) or 0), now)
+local g_wait = math.max(g_tat - (g_burst - 1) * g_interval - now, 0)
+if g_wait > max_reserve then
+  return {g_wait, chat_held, 0}
 end
-return 0
+book(KEYS[1], g_tat, g_interval)
+if chat_held == 0 then
+  book(KEYS[2], math.max(c_tat, now + g_wait), c_interval)
+end
+return {g_wait, 1, 1}
 """
+
+
+@dataclass(frozen=True)
+class Permit:
+    """``acquire``'s answer. Send after ``wait`` seconds when ``go`` (both slots are
+    booked); else wait that long and ask again, saying whether the chat slot is held."""
+
+    wait: float
+    chat_held: bool
+    go: bool
 
 
 class TelegramLimiter:
@@ -77,12 +110,13 @@ class TelegramLimiter:
         self._prefix = prefix
         self._clock_ms = clock_ms  # tests drive time; production uses the Redis clock
 
-    def acquire(self, chat_id: str | int) -> float:
-        """0.0 when this send may go now (its slot is taken), else seconds to wait."""
+    def acquire(self, chat_id: str | int, *, chat_held: bool = False, max_reserve: float = 60.0) -> Permit:
+        """Book what this send may book now; see ``Permit``."""
         now = self._clock_ms() if self._clock_ms else -1
-        wait_ms = self._script(
+        wait_ms, chat, both = self._script(
             keys=[f"{self._prefix}:global", f"{self._prefix}:chat:{chat_id}"],
             args=[now, self._global_rate.interval_ms, self._global_rate.burst,
-                  self._chat_rate.interval_ms, self._chat_rate.burst],
+                  self._chat_rate.interval_ms, self._chat_rate.burst,
+                  int(chat_held), int(max_reserve * 1000)],
         )
-        return int(wait_ms) / 1000
+        return Permit(int(wait_ms) / 1000, bool(chat), bool(both))

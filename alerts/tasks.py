@@ -41,7 +41,7 @@ INFRASTRUCTURE_ERRORS = (
 )
 INFRA_MAX_RETRIES = 5
 INFRA_BACKOFF_MAX_SECONDS = 60  # far below any visibility timeout we accept
-# The longest countdown a task ever sets on itself (rate-limit waits are ≤ 1 s); longer
+# The longest countdown a task ever sets on itself (a booked rate-limit slot); longer
 # waits live in next_retry_at, never in the broker.
 MAX_COUNTDOWN_SECONDS = 60
 DEFAULT_REENQUEUE_AFTER_SECONDS = 600
@@ -281,29 +281,37 @@ def _reenqueue_after(app, send_task_name: str) -> timedelta:
 # --- sends -------------------------------------------------------------------------------
 
 @shared_task(name="alerts.send_digest", base=AlertsTask, bind=True)
-def send_digest(self, digest_id: int, now: str | None = None) -> str | None:
-    return _send(self, DIGEST, digest_id, now)
+def send_digest(self, digest_id: int, now: str | None = None, slot: str | None = None) -> str | None:
+    return _send(self, DIGEST, digest_id, now, slot)
 
 
 @shared_task(name="alerts.send_delivery", base=AlertsTask, bind=True)
-def send_delivery(self, delivery_id: int, now: str | None = None) -> str | None:
-    return _send(self, INSTANT, delivery_id, now)
+def send_delivery(self, delivery_id: int, now: str | None = None, slot: str | None = None) -> str | None:
+    return _send(self, INSTANT, delivery_id, now, slot)
 
 
-def _send(task: Task, kind: Kind, row_id: int, now: str | None) -> str | None:
+def _send(task: Task, kind: Kind, row_id: int, now: str | None, slot: str | None = None) -> str | None:
     """Claim, send, record (``send_one``). Returns the outcome status; None when the row
-    was not due or someone else had it; "rate_limited" when the task was put back."""
+    was not due or someone else had it; "rate_limited" when the task was put back.
+
+    ``slot`` is set only by the task itself when it re-schedules: "chat" when it booked
+    its chat's next free second, "both" when it booked its global slot as well and may
+    send on waking without asking again (see alerts/ratelimit.py).
+    """
     at = parse_now(now)
     db, channels = worker.db(), worker.channels()
     statements = worker.send_statements()
     limiter = worker.limiter(task.app) if channels.get("telegram") is not None else None
-    if limiter is not None:  # without Telegram there is no limit to ask
+    if limiter is not None and slot != "both":  # without Telegram there is no limit to ask
         due, chat = dispatch.telegram_chat_if_due(db, kind, row_id, at, statements)
         if not due:
             return None
-        wait = limiter.acquire(chat) if chat is not None else 0.0
-        if wait > 0:
-            # Before the claim: the row stays queued and nothing is counted as an attempt.
-            task.apply_async(task.request.args, task.request.kwargs, countdown=min(wait, MAX_COUNTDOWN_SECONDS))
-            return "rate_limited"
+        if chat is not None:
+            permit = limiter.acquire(chat, chat_held=slot == "chat", max_reserve=MAX_COUNTDOWN_SECONDS)
+            if permit.wait > 0:
+                # Before the claim: the row stays queued and nothing is counted as an attempt.
+                held = "both" if permit.go else "chat" if permit.chat_held else None
+                task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": held},
+                                 countdown=min(permit.wait, MAX_COUNTDOWN_SECONDS))
+                return "rate_limited"
     return send_one(db, kind, row_id, at, worker.get_settings(), channels, autocommit=statements)

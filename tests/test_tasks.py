@@ -438,13 +438,34 @@ def test_a_telegram_send_that_must_wait_is_put_back_before_its_claim(app, conn, 
     waiting = row(conn, m.user_alert_deliveries, second)
     assert (waiting["status"], waiting["attempts"]) == ("queued", 0)
     (again,) = published(broker)
-    assert (again["task"], again["args"]) == ("alerts.send_delivery", [second])
+    # It booked the chat's next second: woken then, it sends without a stampede.
+    assert (again["task"], again["args"], again["kwargs"]) == ("alerts.send_delivery", [second], {"slot": "chat"})
     eta = datetime.fromisoformat(again["eta"])
     assert timedelta(0) < eta - datetime.now(timezone.utc) <= timedelta(seconds=1)
 
     clock.ms += 1000
     assert drain(app, broker) == ["sent"]
     assert [msg.chat_id for msg in provider_api.telegram_messages] == ["42", "42"]
+
+
+def test_tasks_waiting_for_one_chat_wake_one_per_second_not_all_at_once(app, conn, broker, clock, provider_api):
+    user = add_user(conn, telegram_chat_id="42")
+    deliveries = [add_delivery(conn, user, add_event(conn, status="fanned_out"), channel="telegram")
+                  for _ in range(4)]
+    send = app.tasks["alerts.send_delivery"]
+
+    assert [send.apply((d,)).get() for d in deliveries] == ["sent", "rate_limited", "rate_limited", "rate_limited"]
+    etas = sorted(datetime.fromisoformat(msg["eta"]) for msg in published(broker))
+    gaps = [later - earlier for earlier, later in zip(etas, etas[1:])]
+    assert all(timedelta(milliseconds=900) <= gap <= timedelta(milliseconds=1100) for gap in gaps), gaps
+
+    for _ in range(3):  # each second, exactly the task that booked it sends
+        clock.ms += 1000
+        message = broker.rpop(SEND_QUEUE)
+        body = json.loads(base64.b64decode(json.loads(message)["body"]))
+        assert send.apply(body[0], body[1]).get() == "sent"
+    assert [msg.chat_id for msg in provider_api.telegram_messages] == ["42"] * 4
+    assert published(broker) == []
 
 
 def test_a_rate_limited_task_for_a_row_already_sent_does_nothing(app, conn, broker, clock, provider_api):
