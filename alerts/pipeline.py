@@ -3,8 +3,9 @@ cron runner, the CLI, the demo and the Celery tasks."""
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterator
 
 from sqlalchemy.engine import Engine
@@ -35,15 +36,23 @@ def expand(phase: str) -> tuple[str, ...]:
 
 def run_phases(db: Database, phases: tuple[str, ...], now: datetime, settings: Settings,
                channels: ChannelSet) -> dict:
-    """Run the named phases in order; a phase whose lock is taken reports {"locked": true}."""
+    """Run the named phases in order; a phase whose lock is taken reports {"locked": true}.
+
+    Time runs on from ``now`` while the run lasts (in whole seconds): a phase that starts
+    a minute after the run did sees ``now`` + 1 min, so what it stamps — a claim above
+    all, which other processes judge against their own clocks for the lease — is not
+    dated back to the start of a long run.
+    """
     results = {}
+    started = time.monotonic()
     for name in phases:
+        phase_now = now + timedelta(seconds=int(time.monotonic() - started))
         with db.phase_lock(name) as got_lock:
             if not got_lock:
                 log.info("phase %s: another run holds the lock; skipping", name)
                 results[name] = {"locked": True}
                 continue
-            results[name] = _PHASES[name](db, now, settings, channels)
+            results[name] = _PHASES[name](db, phase_now, settings, channels)
             log.info("phase %s: %s", name, results[name])
     return results
 

@@ -154,3 +154,34 @@ def test_a_batch_that_outlasts_the_lease_is_never_recovered_and_sent_twice(pg_ur
     assert sorted(Counter(channel.sent).values()) == [1] * 8
     assert not any(any(r.values()) for r in recovered), "no claim of ours was ever taken for abandoned"
     assert [state(pg_url, d) for d in deliveries] == [("sent", 1)] * 8
+
+
+def test_claims_made_late_in_a_long_run_carry_the_time_they_were_made(pg_url, monkeypatch):
+    """A runner whose earlier phases took minutes must not stamp its claims with the
+    time it started: another process's lease recovery, on its own clock, would take
+    them for abandoned and send them again (found by the soak)."""
+    from datetime import timedelta
+
+    from alerts import pipeline
+
+    engine = make_engine(pg_url)
+    (delivery,) = seed(engine)
+    seen = []
+
+    class Peek(Channel):
+        name = "email"
+
+        def send(self, recipient, message) -> None:
+            with engine.connect() as other:
+                seen.append(other.execute(sa.select(m.user_alert_deliveries.c.claimed_at)
+                                          .where(m.user_alert_deliveries.c.id == delivery)).scalar_one())
+
+    monkeypatch.setitem(pipeline._PHASES, "a", lambda *args: time.sleep(2.2) or {})
+    settings = replace(Settings(), email_backend="smtp", smtp_host="127.0.0.1")
+    try:
+        results = pipeline.run_phases(Database(engine), ("a", "c"), NOW, settings, ChannelSet({"email": Peek()}))
+    finally:
+        engine.dispose()
+    assert results["c"]["instant"]["sent"] == 1
+    (claimed_at,) = seen
+    assert NOW + timedelta(seconds=2) <= claimed_at <= NOW + timedelta(seconds=5)

@@ -110,8 +110,8 @@ def send_due(db: Database, kind: Kind, now: datetime, settings: Settings, channe
              rng: random.Random | None = None) -> SendCounts:
     """Claim due rows a batch at a time and send them until none are due.
 
-    Time runs on from ``now`` while the run lasts: each claim is stamped with the time
-    it is taken, so another process's lease recovery never sees a fresh claim as old. A
+    Time runs on from ``now`` while the run lasts (in whole seconds): each claim is
+    stamped with the time it is taken, so another process's lease recovery never sees a fresh claim as old. A
     batch whose sends outlast half the lease (a slow provider) gives its unsent rows back
     and claims afresh, so no claim of ours is ever recovered — and sent again — by
     someone else while we still hold it.
@@ -123,7 +123,7 @@ def send_due(db: Database, kind: Kind, now: datetime, settings: Settings, channe
     budget = settings.sending_lease_seconds / 2
     with statements(db) as write, _Outcomes(write, kind, pipelined=isinstance(write, Autocommit)) as outcomes:
         while True:
-            claimed_at = now + timedelta(seconds=time.monotonic() - started)
+            claimed_at = now + timedelta(seconds=int(time.monotonic() - started))
             jobs = claim(write, kind,
                          lambda conn: claim_due(conn, table, due, claimed_at, settings.send_batch_size),
                          settings, channels)
