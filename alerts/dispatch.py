@@ -81,6 +81,20 @@ def _unmark(db: Database, kind: Kind, ids: list[int], now: datetime) -> None:
         log.warning("could not clear enqueue marks after a failed publish: %s", exc)
 
 
+def hold_mark(db: Database, kind: Kind, row_id: int, until: datetime, autocommit: Autocommit | None = None) -> None:
+    """A task that re-schedules itself (a rate-limit wait) moves its row's mark to when it
+    will run: until ``reenqueue_after`` past that, the row's task is not taken for lost
+    and no second task is published for it — each of which would book a slot of its own
+    and waste it. ``autocommit``: the worker's shared connection."""
+    table = kind.table()
+    stmt = sa.update(table).where(table.c.id == row_id, table.c.status == "queued").values(enqueued_at=until)
+    if autocommit is not None:
+        autocommit(lambda conn: conn.execute(stmt))
+    else:
+        with db.transaction() as conn:
+            conn.execute(stmt)
+
+
 def telegram_chat_if_due(db: Database, kind: Kind, row_id: int, now: datetime,
                          autocommit: Autocommit | None = None) -> tuple[bool, str | None]:
     """(is the row due, the Telegram chat it would go to — None for other channels or

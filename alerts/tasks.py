@@ -311,7 +311,8 @@ def _send(task: Task, kind: Kind, row_id: int, now: str | None, slot: str | None
             if permit.wait > 0:
                 # Before the claim: the row stays queued and nothing is counted as an attempt.
                 held = "both" if permit.go else "chat" if permit.chat_held else None
-                task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": held},
-                                 countdown=min(permit.wait, MAX_COUNTDOWN_SECONDS))
+                countdown = min(permit.wait, MAX_COUNTDOWN_SECONDS)
+                dispatch.hold_mark(db, kind, row_id, at + timedelta(seconds=countdown), statements)
+                task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": held}, countdown=countdown)
                 return "rate_limited"
     return send_one(db, kind, row_id, at, worker.get_settings(), channels, autocommit=statements)

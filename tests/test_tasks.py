@@ -468,6 +468,27 @@ def test_tasks_waiting_for_one_chat_wake_one_per_second_not_all_at_once(app, con
     assert published(broker) == []
 
 
+def test_a_rate_limited_task_keeps_its_row_from_being_enqueued_again_while_it_waits(app, conn, broker, clock,
+                                                                                    provider_api):
+    """Its row is marked for when the task will run: a dispatch tick meanwhile — even one
+    past the re-enqueue interval, counted from the first mark — publishes no second task
+    (it would book, and waste, a slot of its own; found by the soak)."""
+    user = add_user(conn, telegram_chat_id="42")
+    deliveries = [add_delivery(conn, user, add_event(conn, status="fanned_out"), channel="telegram")
+                  for _ in range(3)]
+    dispatch_task, send = app.tasks["alerts.dispatch_deliveries"], app.tasks["alerts.send_delivery"]
+    start = datetime.now(timezone.utc)
+    assert dispatch_task.apply(kwargs={"now": iso(start)}).get() == {"enqueued": 3}
+    assert drain(app, broker, limit=3) == ["sent", "rate_limited", "rate_limited"]
+    assert len(published(broker)) == 2
+    # A worker holds waiting (ETA) tasks itself: the queue looks empty meanwhile.
+    held = [broker.rpop(SEND_QUEUE) for _ in range(2)]
+
+    after = start + timedelta(seconds=app.conf.alerts_reenqueue_after_seconds)
+    assert dispatch_task.apply(kwargs={"now": iso(after)}).get() == {"enqueued": 0}
+    assert published(broker) == [] and all(held)
+
+
 def test_a_rate_limited_task_for_a_row_already_sent_does_nothing(app, conn, broker, clock, provider_api):
     user = add_user(conn, telegram_chat_id="42")
     delivery = add_delivery(conn, user, add_event(conn, status="fanned_out"), channel="telegram")
