@@ -114,6 +114,22 @@ def database(url: str | None = None, prefix: str = "alerts_bench") -> Iterator[s
         drop_database(url)
 
 
+def sample_message(url: str, port: int, kind) -> tuple[str, str, bytes]:
+    """The first row of ``kind`` (alerts.phases.send.INSTANT or DIGEST) rendered and built
+    exactly as the senders do it: (from, to, bytes) for the bare smtplib reference."""
+    from alerts.channels.email import build_mime
+    from alerts.channels.registry import build_channels
+    from alerts.db import make_engine
+
+    settings = smtp_settings(url, port)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        first = conn.exec_driver_sql(f"SELECT min(id) FROM {kind.table().name}").scalar_one()
+        (job,) = kind.load(conn, [(first, 1)], settings, build_channels(settings))
+    engine.dispose()
+    return settings.email_from, job.recipient, bytes(build_mime(job.message, settings.email_from, job.recipient))
+
+
 def smtp_settings(url: str, port: int, **extra: str):
     from alerts.config import Settings
 

@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from celery import shared_task  # noqa: E402
 
+from alerts.phases.send import DIGEST  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
-                           drop_database, smtp_settings, wait_for)
+                           drop_database, sample_message, smtp_settings, wait_for)
 
 NOOP_QUEUE = "bench.noop"
 TARGET_RATIO = 0.5
@@ -84,22 +85,6 @@ def seed(url: str, digests: int, items: int) -> None:
     engine.dispose()
 
 
-def sample_message(url: str, smtp_port: int) -> tuple[str, str, bytes]:
-    """One digest rendered and built exactly as the workers do it: (from, to, bytes)."""
-    from alerts.channels.email import build_mime
-    from alerts.channels.registry import build_channels
-    from alerts.db import make_engine
-    from alerts.phases.send import DIGEST
-
-    settings = smtp_settings(url, smtp_port)
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        first = conn.exec_driver_sql("SELECT min(id) FROM user_alert_digests").scalar_one()
-        (job,) = DIGEST.load(conn, [(first, 1)], settings, build_channels(settings))
-    engine.dispose()
-    return settings.email_from, job.recipient, build_mime(job.message, settings.email_from, job.recipient)
-
-
 def sent_count(url: str) -> int:
     from alerts.db import make_engine
 
@@ -118,7 +103,6 @@ def render_and_send(url: str, port: int, n: int) -> float:
     from alerts.channels.email import build_mime, envelope_sender
     from alerts.channels.registry import build_channels
     from alerts.db import make_engine
-    from alerts.phases.send import DIGEST
 
     settings = smtp_settings(url, port)
     sender = envelope_sender(settings.email_from)
@@ -220,7 +204,7 @@ def main() -> None:
                        task_routes={"alerts.send_*": {"queue": "alerts.send"}})
     try:
         seed(url, n, options.items)
-        sender, recipient, data = sample_message(url, server.port)
+        sender, recipient, data = sample_message(url, server.port, DIGEST)
         bare_seconds = bare_smtplib(server.port, sender, recipient, data, n)
         server.ask("reset")
         render_seconds = render_and_send(url, server.port, n)

@@ -32,8 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from alerts.phases.send import INSTANT  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
-                           drop_database, smtp_settings)
+                           drop_database, sample_message, smtp_settings)
 
 TARGET_RATIO = 0.5
 
@@ -71,22 +72,6 @@ def requeue(url: str) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE user_alert_deliveries")
     engine.dispose()
-
-
-def sample_message(url: str, port: int) -> tuple[str, str, bytes]:
-    """The first delivery rendered and built exactly as Phase C does: (from, to, bytes)."""
-    from alerts.channels.email import build_mime
-    from alerts.channels.registry import build_channels
-    from alerts.db import make_engine
-    from alerts.phases.send import INSTANT
-
-    settings = smtp_settings(url, port)
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        first = conn.exec_driver_sql("SELECT min(id) FROM user_alert_deliveries").scalar_one()
-        (job,) = INSTANT.load(conn, [(first, 1)], settings, build_channels(settings))
-    engine.dispose()
-    return settings.email_from, job.recipient, bytes(build_mime(job.message, settings.email_from, job.recipient))
 
 
 def sent_rows(url: str) -> int:
@@ -164,7 +149,7 @@ def main() -> None:
     sizes = {}
     try:
         seed(url, n)
-        sender, recipient, data = sample_message(url, server.port)
+        sender, recipient, data = sample_message(url, server.port, INSTANT)
         sides = ["bare_smtplib", "phase_c"] + ([] if options.no_runner else ["runner"])
         for round_no in range(options.rounds):
             order = sides if round_no % 2 == 0 else sides[::-1]
