@@ -134,20 +134,17 @@ user_alert_deliveries = sa.Table(
     sa.CheckConstraint("attempts >= 0", name="ck_deliveries_attempts"),
 )
 
-# Partial indexes keep the "what is due" scans small however large history grows.
-sa.Index(
-    "ix_deliveries_due",
-    user_alert_deliveries.c.delivery_kind,
-    user_alert_deliveries.c.next_retry_at,
-    postgresql_where=user_alert_deliveries.c.status == "queued",
-    sqlite_where=user_alert_deliveries.c.status == "queued",
-)
-sa.Index(
-    "ix_deliveries_sending",
-    user_alert_deliveries.c.claimed_at,
-    postgresql_where=user_alert_deliveries.c.status == "sending",
-    sqlite_where=user_alert_deliveries.c.status == "sending",
-)
+
+def _partial_index(name: str, table: sa.Table, status: str, *columns: str) -> sa.Index:
+    """An index over the rows in one status only, on both databases."""
+    return sa.Index(name, *(table.c[c] for c in columns),
+                    postgresql_where=table.c.status == status, sqlite_where=table.c.status == status)
+
+
+# Partial indexes keep the "what is due" and "what is stuck" scans small however large
+# history grows.
+_partial_index("ix_deliveries_due", user_alert_deliveries, "queued", "delivery_kind", "next_retry_at")
+_partial_index("ix_deliveries_sending", user_alert_deliveries, "sending", "claimed_at")
 sa.Index("ix_deliveries_event", user_alert_deliveries.c.alert_event_id)
 sa.Index(
     "ix_events_status_new",
@@ -182,18 +179,8 @@ user_alert_digests = sa.Table(
     sa.CheckConstraint("sequence >= 0", name="ck_digests_sequence"),
     sa.CheckConstraint("window_end > window_start", name="ck_digests_window"),
 )
-sa.Index(
-    "ix_digests_due",
-    user_alert_digests.c.next_retry_at,
-    postgresql_where=user_alert_digests.c.status == "queued",
-    sqlite_where=user_alert_digests.c.status == "queued",
-)
-sa.Index(
-    "ix_digests_sending",
-    user_alert_digests.c.claimed_at,
-    postgresql_where=user_alert_digests.c.status == "sending",
-    sqlite_where=user_alert_digests.c.status == "sending",
-)
+_partial_index("ix_digests_due", user_alert_digests, "queued", "next_retry_at")
+_partial_index("ix_digests_sending", user_alert_digests, "sending", "claimed_at")
 
 user_alert_digest_items = sa.Table(
     "user_alert_digest_items",

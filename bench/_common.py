@@ -130,6 +130,17 @@ def sample_message(url: str, port: int, kind) -> tuple[str, str, bytes]:
     return settings.email_from, job.recipient, bytes(build_mime(job.message, settings.email_from, job.recipient))
 
 
+def count_sent(url: str, table: str) -> int:
+    """Rows of ``table`` (one of ours) in status ``sent``."""
+    from alerts.db import make_engine
+
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        count = conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE status = 'sent'").scalar_one()
+    engine.dispose()
+    return count
+
+
 def smtp_settings(url: str, port: int, **extra: str):
     from alerts.config import Settings
 

@@ -41,7 +41,7 @@ from celery import shared_task  # noqa: E402
 
 from alerts.phases.send import DIGEST  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
-                           drop_database, sample_message, smtp_settings, wait_for)
+                           count_sent, drop_database, sample_message, smtp_settings, wait_for)
 
 NOOP_QUEUE = "bench.noop"
 TARGET_RATIO = 0.5
@@ -83,16 +83,6 @@ def seed(url: str, digests: int, items: int) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()
-
-
-def sent_count(url: str) -> int:
-    from alerts.db import make_engine
-
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        count = conn.exec_driver_sql("SELECT count(*) FROM user_alert_digests WHERE status = 'sent'").scalar_one()
-    engine.dispose()
-    return count
 
 
 # --- the runs --------------------------------------------------------------------------------------
@@ -223,7 +213,7 @@ def main() -> None:
         stop_workers(workers)
         server.stop()
         client.close()
-        db_sent = sent_count(url)
+        db_sent = count_sent(url, "user_alert_digests")
         drop_database(url)
         broker.flushdb()
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alerts.phases.send import INSTANT  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
-                           drop_database, sample_message, smtp_settings)
+                           count_sent, drop_database, sample_message, smtp_settings)
 
 TARGET_RATIO = 0.5
 
@@ -72,16 +72,6 @@ def requeue(url: str) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE user_alert_deliveries")
     engine.dispose()
-
-
-def sent_rows(url: str) -> int:
-    from alerts.db import make_engine
-
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        count = conn.exec_driver_sql("SELECT count(*) FROM user_alert_deliveries WHERE status = 'sent'").scalar_one()
-    engine.dispose()
-    return count
 
 
 def phase_c_in_process(url: str, port: int, profile: str | None) -> tuple[float, dict]:
@@ -126,7 +116,7 @@ def phase_c_runner(url: str, port: int) -> tuple[float, dict]:
 def check(server: SmtpServerProcess, url: str, n: int, counts: dict) -> dict:
     ids = server.ask("ids")
     sizes = server.ask("sizes")
-    result = {"at_server": len(ids), "distinct_ids": len(set(ids)), "rows_sent": sent_rows(url),
+    result = {"at_server": len(ids), "distinct_ids": len(set(ids)), "rows_sent": count_sent(url, "user_alert_deliveries"),
               "mean_size": round(sum(sizes) / max(1, len(sizes)))}
     if counts["instant"]["sent"] != n or result["at_server"] != n or result["distinct_ids"] != n \
             or result["rows_sent"] != n:
