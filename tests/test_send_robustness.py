@@ -74,29 +74,29 @@ def state(url: str, delivery_id: int) -> tuple:
     return tuple(found)
 
 
-def test_the_outcome_is_recorded_when_the_connection_drops_during_the_send(pg_url):
+def send_while_the_database_drops(pg_url, outage: float = 0.0) -> tuple[str | None, DropsTheDatabase, int]:
+    """``send_one`` of one instant delivery through a channel that drops every database
+    connection as it sends (then refuses new ones for ``outage`` seconds)."""
     engine = make_engine(pg_url)
     (delivery,) = seed(engine)
-    channel = DropsTheDatabase(engine.url.database)
+    channel = DropsTheDatabase(engine.url.database, outage=outage)
     try:
         status = send_one(Database(engine), INSTANT, delivery, NOW, Settings(), ChannelSet({"email": channel}))
     finally:
         channel.close()
         engine.dispose()
+    return status, channel, delivery
+
+
+def test_the_outcome_is_recorded_when_the_connection_drops_during_the_send(pg_url):
+    status, channel, delivery = send_while_the_database_drops(pg_url)
     assert status == "sent"
     assert len(channel.sent) == 1
     assert state(pg_url, delivery) == ("sent", 1)
 
 
 def test_the_outcome_is_recorded_after_a_short_database_outage(pg_url):
-    engine = make_engine(pg_url)
-    (delivery,) = seed(engine)
-    channel = DropsTheDatabase(engine.url.database, outage=1.0)
-    try:
-        status = send_one(Database(engine), INSTANT, delivery, NOW, Settings(), ChannelSet({"email": channel}))
-    finally:
-        channel.close()
-        engine.dispose()
+    status, _, delivery = send_while_the_database_drops(pg_url, outage=1.0)
     assert status == "sent"
     assert state(pg_url, delivery) == ("sent", 1)
 
