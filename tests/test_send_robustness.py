@@ -185,3 +185,40 @@ def test_claims_made_late_in_a_long_run_carry_the_time_they_were_made(pg_url, mo
     assert results["c"]["instant"]["sent"] == 1
     (claimed_at,) = seen
     assert NOW + timedelta(seconds=2) <= claimed_at <= NOW + timedelta(seconds=5)
+
+
+def test_digest_claims_after_a_long_instant_pass_carry_the_time_they_were_made(pg_url):
+    """Phase C sends instant deliveries, then digests: a digest claimed after minutes of
+    instant sends must not be stamped with the phase's start, or workers' lease recovery
+    takes it for abandoned and it is sent twice (found by the soak: 1,800 duplicates)."""
+    from datetime import timedelta
+
+    from alerts.phases.send import run_phase_c
+    from tests.factories import WINDOW_END, add_digest
+
+    engine = make_engine(pg_url)
+    seed(engine)
+    with engine.begin() as conn:
+        digest = add_digest(conn, add_user(conn, email="digest@example.com"))
+    now = WINDOW_END + timedelta(minutes=5)
+    seen = []
+
+    class SlowInstantPeekDigest(Channel):
+        name = "email"
+
+        def send(self, recipient, message) -> None:
+            if recipient != "digest@example.com":
+                time.sleep(2.2)  # the instant pass takes a while
+                return
+            with engine.connect() as other:
+                seen.append(other.execute(sa.select(m.user_alert_digests.c.claimed_at)
+                                          .where(m.user_alert_digests.c.id == digest)).scalar_one())
+
+    settings = replace(Settings(), email_backend="smtp", smtp_host="127.0.0.1")
+    try:
+        results = run_phase_c(Database(engine), now, settings, ChannelSet({"email": SlowInstantPeekDigest()}))
+    finally:
+        engine.dispose()
+    assert results["instant"]["sent"] == 1 and results["digests"]["sent"] == 1
+    (claimed_at,) = seen
+    assert now + timedelta(seconds=2) <= claimed_at <= now + timedelta(seconds=5)

@@ -99,10 +99,19 @@ class Kind:
 
 def run_phase_c(db: Database, now: datetime, settings: Settings, channels: ChannelSet,
                 rng: random.Random | None = None) -> dict:
+    """Time runs on through the phase, as through a run (``pipeline.run_phases``): the
+    digest pass starts at ``now`` plus however long the instant pass took, so claims it
+    makes after a long instant pass are not dated back — workers' lease recovery would
+    take them for abandoned and send them again (found by the soak)."""
+    started = time.monotonic()
+
+    def clock() -> datetime:
+        return now + timedelta(seconds=int(time.monotonic() - started))
+
     recover_stale(db, now, settings)
     return {
-        "instant": send_due(db, INSTANT, now, settings, channels, rng).as_dict(),
-        "digests": send_due(db, DIGEST, now, settings, channels, rng).as_dict(),
+        "instant": send_due(db, INSTANT, clock(), settings, channels, rng).as_dict(),
+        "digests": send_due(db, DIGEST, clock(), settings, channels, rng).as_dict(),
     }
 
 
