@@ -20,6 +20,7 @@ from celery import Celery
 from kombu import Queue
 
 import beat_schedule
+from alerts import broker
 from alerts.config import ConfigError, Settings, EnvReader
 from alerts.tasks import DEFAULT_REENQUEUE_AFTER_SECONDS, INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS
 
@@ -55,6 +56,8 @@ def _configure(env) -> tuple[Settings, dict]:
         result_backend_transport_options=dict(transport),
         visibility_timeout=visibility,
         broker_connection_retry_on_startup=True,
+        # kombu's Redis transport, sharing one client per channel (alerts/broker.py).
+        broker_transport=broker.transport_for(settings.celery_broker_url),
         timezone=settings.timezone,
         enable_utc=True,
         task_default_queue=PHASE_QUEUE,

@@ -11,7 +11,9 @@ Two layers of retry:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -69,18 +71,36 @@ class AlertsTask(Task):
 
 # --- what one worker process keeps between tasks ---------------------------------------
 
+class _ThreadState:
+    """What one task-running thread keeps: its autocommit connection and its channels
+    (an SMTP connection is one conversation at a time)."""
+
+    def __init__(self):
+        self.statements: Autocommit | None = None
+        self.statements_used = 0.0
+        self.channels: ChannelSet | None = None
+
+    def close(self) -> None:
+        if self.statements is not None:
+            self.statements.close()
+        if self.channels is not None:
+            self.channels.close()
+        self.statements = self.channels = None
+
+
 class WorkerState:
-    """One engine, one database connection for the send tasks, one set of channels (an
-    SMTP connection reused across sends) and one rate limiter per worker process,
-    created on first use."""
+    """One engine and one rate limiter per worker process; per thread that runs tasks
+    (one with the solo and prefork pools, ``--concurrency`` with ``--pool threads``)
+    one database connection for the send tasks and one set of channels (an SMTP
+    connection reused across sends). All created on first use."""
 
     def __init__(self):
         self.settings: Settings | None = None
         self._engine = None
-        self._channels: ChannelSet | None = None
         self._limiter: TelegramLimiter | None = None
-        self._statements: Autocommit | None = None
-        self._statements_used = 0.0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._threads: list[_ThreadState] = []
 
     def configure(self, settings: Settings | None = None, limiter: TelegramLimiter | None = None) -> None:
         """Start over with these (tests); None ⇒ from the environment on first use."""
@@ -94,33 +114,46 @@ class WorkerState:
 
     def db(self) -> Database:
         if self._engine is None:
-            engine = make_engine(self.get_settings().database_url)
-            try:
-                check_migrated(engine)
-            except BaseException:
-                engine.dispose()
-                raise
-            self._engine = engine
+            with self._lock:
+                if self._engine is None:
+                    engine = make_engine(self.get_settings().database_url)
+                    try:
+                        check_migrated(engine)
+                    except BaseException:
+                        engine.dispose()
+                        raise
+                    self._engine = engine
         return Database(self._engine)
 
+    def _mine(self) -> _ThreadState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ThreadState()
+            with self._lock:
+                self._threads.append(state)
+        return state
+
     def send_statements(self) -> Autocommit | None:
-        """The autocommit connection the send tasks share (None off PostgreSQL): saves
-        each task a pool checkout, its ping and two isolation-level switches. After a
-        long idle spell it is handed back and the next task takes a pinged one."""
+        """This thread's autocommit connection for the send tasks (None off
+        PostgreSQL): saves each task a pool checkout, its ping and two isolation-level
+        switches. After a long idle spell it is handed back and the next task takes a
+        pinged one."""
         db = self.db()
         if not db.is_postgres:
             return None
-        if self._statements is None:
-            self._statements = Autocommit(db.engine)
-        elif time.monotonic() - self._statements_used > CONNECTION_IDLE_SECONDS:
-            self._statements.close()
-        self._statements_used = time.monotonic()
-        return self._statements
+        mine = self._mine()
+        if mine.statements is None:
+            mine.statements = Autocommit(db.engine)
+        elif time.monotonic() - mine.statements_used > CONNECTION_IDLE_SECONDS:
+            mine.statements.close()
+        mine.statements_used = time.monotonic()
+        return mine.statements
 
     def channels(self) -> ChannelSet:
-        if self._channels is None:
-            self._channels = build_channels(self.get_settings())
-        return self._channels
+        mine = self._mine()
+        if mine.channels is None:
+            mine.channels = build_channels(self.get_settings())
+        return mine.channels
 
     def limiter(self, app) -> TelegramLimiter | None:
         """None when there is no Redis to share a limit in (a non-Redis broker and no
@@ -135,21 +168,26 @@ class WorkerState:
 
     def forget(self) -> None:
         """After a fork: drop what the parent opened without closing it under the parent."""
-        if self._statements is not None:
-            _inherited_connections.append(self._statements)
+        with self._lock:
+            for state in self._threads:
+                if state.statements is not None:
+                    _inherited_connections.append(state.statements)
+            self._threads = []
+        self._local = threading.local()
         if self._engine is not None:
             self._engine.dispose(close=False)
-        self._engine = self._channels = self._statements = None
+        self._engine = None
         self._limiter = None
 
     def close(self) -> None:
-        if self._statements is not None:
-            self._statements.close()
-        if self._channels is not None:
-            self._channels.close()
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for state in threads:
+            state.close()
+        self._local = threading.local()
         if self._engine is not None:
             self._engine.dispose()
-        self._engine = self._channels = self._statements = None
+        self._engine = None
         self._limiter = None
 
 
@@ -255,8 +293,12 @@ def _enqueue(task: Task, kind: Kind, send_task_name: str, now: str | None) -> in
         reenqueue = _reenqueue_after(app, send_task_name)
 
         def publish(ids: list[int]) -> None:
-            for row_id in ids:
-                send_task.apply_async((row_id,), extra, producer=producer)
+            # kombu >= 5.7 pipelines a batch's publishes (a round trip per thousand
+            # messages instead of one each); older kombu publishes them one by one.
+            batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()
+            with batch:
+                for row_id in ids:
+                    send_task.apply_async((row_id,), extra, producer=producer)
 
         return dispatch.enqueue_due(worker.db(), kind, parse_now(now), reenqueue, publish)
 
@@ -315,4 +357,10 @@ def _send(task: Task, kind: Kind, row_id: int, now: str | None, slot: str | None
                 dispatch.hold_mark(db, kind, row_id, at + timedelta(seconds=countdown), statements)
                 task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": held}, countdown=countdown)
                 return "rate_limited"
-    return send_one(db, kind, row_id, at, worker.get_settings(), channels, autocommit=statements)
+    status = send_one(db, kind, row_id, at, worker.get_settings(), channels, autocommit=statements)
+    if statements is not None and task.request.is_eager:
+        # In a worker the outcome's commit overlaps Celery's ack and its fetch of the
+        # next task (see send.py, _record_outcome); a caller running the task in its
+        # own process reads the row next, so it gets it committed.
+        statements.wait()
+    return status

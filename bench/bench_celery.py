@@ -172,7 +172,7 @@ def main() -> None:
     # solo: the task runs in the process that took it from Redis — no parent/child pipe
     # and no idle parent competing for the CPU. On 2 cores 2 solo workers measured ~1.1-1.3x
     # 2 prefork workers with -c 2, and 4 solo workers no faster than 2 (CPU-bound).
-    parser.add_argument("--pool", choices=["solo", "prefork"], default="solo")
+    parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="solo")
     parser.add_argument("--concurrency", type=int, default=1, help="child processes per prefork worker")
     parser.add_argument("--noop", type=int, default=10_000, help="no-op tasks for the reference rate")
     parser.add_argument("--timeout", type=float, default=600)
@@ -220,7 +220,7 @@ def main() -> None:
     bare_rate, celery_rate = n / bare_seconds, n / digests["seconds"]
     report = {
         "digests": n, "items_per_digest": options.items, "workers": options.workers, "pool": options.pool,
-        "concurrency": options.concurrency if options.pool == "prefork" else 1,
+        "concurrency": options.concurrency if options.pool != "solo" else 1,
         "bare_smtplib_per_s": round(bare_rate, 1),
         "celery_digests_per_s": round(celery_rate, 1),
         "ratio": round(celery_rate / bare_rate, 3),

@@ -599,9 +599,11 @@ def test_an_outcome_is_recorded_when_the_database_dropped_the_connection_during_
 
     delivery = add_delivery(conn, add_user(conn), add_event(conn, status="fanned_out"))
     channels = ChannelSet({"email": TerminatingChannel(SmtpEmailChannel(worker.get_settings()), conn)})
+    statements = worker.send_statements()
     try:
         outcome = send_one(worker.db(), INSTANT, delivery, datetime.now(timezone.utc), worker.get_settings(),
-                           channels, autocommit=worker.send_statements())
+                           channels, autocommit=statements)
+        statements.wait()  # the outcome's commit runs on after send_one returns
     finally:
         channels.close()
 

@@ -34,7 +34,7 @@ from alerts import retry
 from alerts.channels import DeliveryError
 from alerts.channels.registry import ChannelSet, recipient_column
 from alerts.config import Settings
-from alerts.db import Database, is_postgres
+from alerts.db import Database, Script, is_postgres
 from alerts.messages import Message, render_digest, render_instant
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,14 @@ class Kind:
     label: str
     table: Callable[[], sa.Table]
     due: Callable[[sa.Table, datetime], list]
-    # The data a send needs, for claimed rows: one query (parameters ``ids`` and
-    # ``timezone``, the app's), then the jobs made from its rows.
-    query: Callable[[], sa.Select]
+    # The data a send needs: a query without its row filter (parameter ``timezone``,
+    # the app's), ordered by row id, then the jobs made from its rows.
+    select: Callable[[], sa.Select]
     jobs: Callable[[Sequence[Mapping], dict[int, int], Settings, ChannelSet], list[Job]]
+
+    def query(self) -> sa.Select:
+        """``select`` for the rows whose ids are given as ``ids``."""
+        return _query_for_ids(self)
 
     def load(self, conn: Connection, claimed: list[tuple[int, int]], settings: Settings,
              channels: ChannelSet) -> list[Job]:
@@ -93,6 +97,11 @@ class Kind:
         ids = [row_id for row_id, _ in claimed]
         rows = conn.execute(self.query(), {"ids": ids, "timezone": settings.timezone}).mappings().all()
         return self.jobs(rows, dict(claimed), settings, channels)
+
+
+@functools.cache
+def _query_for_ids(kind: Kind) -> sa.Select:
+    return kind.select().where(kind.table().c.id.in_(sa.bindparam("ids", expanding=True)))
 
 
 # --- the phase ---------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def send_due(db: Database, kind: Kind, now: datetime, settings: Settings, channe
     due = kind.due(table, now)
     started = time.monotonic()
     budget = settings.sending_lease_seconds / 2
-    with statements(db) as write, _Outcomes(write, kind, pipelined=isinstance(write, Autocommit)) as outcomes:
+    with statements(db) as write:
         while True:
             claimed_at = now + timedelta(seconds=int(time.monotonic() - started))
             jobs = claim(write, kind,
@@ -141,13 +150,11 @@ def send_due(db: Database, kind: Kind, now: datetime, settings: Settings, channe
             give_back_at = time.monotonic() + budget
             for n, job in enumerate(jobs):
                 if time.monotonic() > give_back_at:
-                    outcomes.wait()
                     write(lambda conn: _release(conn, table, [(j.id, j.attempts) for j in jobs[n:]]))
                     break
                 outcome = _attempt(job, now, settings, channels, rng)
                 counts.add(outcome)
-                outcomes.record(job, outcome)
-            outcomes.wait()
+                _record_outcome(write, kind, job, outcome)
 
 
 def send_one(db: Database, kind: Kind, row_id: int, now: datetime, settings: Settings,
@@ -155,10 +162,14 @@ def send_one(db: Database, kind: Kind, row_id: int, now: datetime, settings: Set
              autocommit: Autocommit | None = None) -> str | None:
     """Claim and send one row (the Celery send tasks). Returns the outcome status, or
     None when the row was not due or another process had already claimed it.
-    ``autocommit``: see ``statements``.
+    ``autocommit``: see ``statements``; the outcome's commit may still be in flight on
+    it when this returns (``autocommit.wait()`` waits; its next statement does anyway).
     """
     with statements(db, autocommit) as write:
-        jobs = claim(write, kind, lambda conn: _claim_one(conn, kind, row_id, now), settings, channels)
+        if isinstance(write, Autocommit):
+            jobs = _claim_and_load_one(write, kind, row_id, now, settings, channels)
+        else:
+            jobs = claim(write, kind, lambda conn: _claim_one(conn, kind, row_id, now), settings, channels)
         if not jobs:
             return None
         outcome = _attempt(jobs[0], now, settings, channels, rng)
@@ -170,8 +181,8 @@ def send_one(db: Database, kind: Kind, row_id: int, now: datetime, settings: Set
 def statements(db: Database, autocommit: Autocommit | None = None) -> Iterator[Write]:
     """``write(fn)`` runs ``fn(conn)`` and has it committed before returning.
 
-    On PostgreSQL outside a dry run, every ``fn`` given here runs a single statement,
-    through ``autocommit`` when given (a Celery worker keeps one across its tasks), else
+    On PostgreSQL outside a dry run, every ``fn`` given here runs a single statement
+    (or one ``Script``: one round trip, one transaction), through ``autocommit`` when given (a Celery worker keeps one across its tasks), else
     through one of its own for the block. Elsewhere — SQLite, and dry runs, whose
     writes are savepoints — each call is its own ``db.transaction()``.
     """
@@ -187,6 +198,7 @@ def statements(db: Database, autocommit: Autocommit | None = None) -> Iterator[W
         own = Autocommit(db.engine)
         try:
             yield own
+            own.wait()  # the last outcome, committed (or its error raised) before we return
         finally:
             own.close()
 
@@ -208,8 +220,30 @@ class Autocommit:
     def __init__(self, engine: sa.Engine):
         self._engine = engine
         self._conn: Connection | None = None
+        self._helper: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def __call__(self, fn: Callable[[Connection], T]) -> T:
+        self.wait()
+        return self._call(fn)
+
+    def later(self, fn: Callable[[Connection], object]) -> None:
+        """Run ``fn`` as a call would, but in a helper thread, so the caller gets on
+        while the server commits. At most one is in flight: every other use of the
+        connection — a call, ``later``, ``wait``, ``close`` — waits for it first, so the
+        connection is never used by two threads at once and statements commit in the
+        order given. Its error, if any, is raised by that wait."""
+        self.wait()
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="alerts-autocommit")
+        self._pending = self._helper.submit(self._call, fn)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _call(self, fn: Callable[[Connection], T]) -> T:
         for pause in (*RECONNECT_PAUSES_SECONDS, None):
             try:
                 return self._run(fn)
@@ -227,7 +261,7 @@ class Autocommit:
         try:
             return fn(self._connection())
         except BaseException:
-            self.close()  # whatever state an error left the connection in, it is not reused
+            self._hand_back()  # whatever state an error left the connection in, it is not reused
             raise
 
     def _connection(self) -> Connection:
@@ -236,6 +270,18 @@ class Autocommit:
         return self._conn
 
     def close(self) -> None:
+        """Wait for a statement still in flight, then hand the connection back."""
+        try:
+            self.wait()
+        except Exception as exc:  # nobody is left to hand it to; it was logged as it retried
+            log.error("a statement run in the background failed: %s", exc)
+        finally:
+            if self._helper is not None:
+                self._helper.shutdown()
+                self._helper = None
+            self._hand_back()
+
+    def _hand_back(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -264,49 +310,58 @@ def claim(write: Write, kind: Kind, claim_rows: Callable[[Connection], list[tupl
         raise
 
 
+def _claim_and_load_one(write: Autocommit, kind: Kind, row_id: int, now: datetime, settings: Settings,
+                        channels: ChannelSet) -> list[Job]:
+    """``claim`` for one row on PostgreSQL, in one round trip instead of two: the claim
+    and then the load as one script (``_claim_and_load_script``). Loading runs after the
+    claim within it, under a snapshot of its own, so it sees every item Phase D attached
+    before the claim shut it out."""
+    rows, _ = write(lambda conn: _claim_and_load_script(kind).run(
+        conn, {"c_id": row_id, "c_now": now, "timezone": settings.timezone}))
+    if not rows:
+        return []
+    claimed = [(row_id, rows[0]["claimed_attempts"])]
+    try:
+        return kind.jobs(rows, dict(claimed), settings, channels)
+    except BaseException:
+        write(lambda conn: _release(conn, kind.table(), claimed))
+        raise
+
+
+@functools.cache
+def _claim_and_load_script(kind: Kind) -> Script:
+    """The one-row claim, then the row's data — rows only when the claim was ours: it is
+    the only write in the script, so a transaction id was assigned exactly when it took
+    the row. READ COMMITTED is stated, not assumed: under a database default of
+    REPEATABLE READ the load would share the claim's snapshot and miss items committed
+    in between."""
+    table = kind.table()
+    load = (kind.select()
+            .add_columns(table.c.attempts.label("claimed_attempts"))
+            .where(table.c.id == sa.bindparam("c_id", type_=table.c.id.type),
+                   sa.func.txid_current_if_assigned().is_not(None)))
+    return Script(f"claim_{kind.label}", _claim_one_statement(kind, True), load,
+                  preamble="SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+
 def _record_outcome(write: Write, kind: Kind, job: Job, outcome: retry.Outcome) -> None:
-    if not write(lambda conn: record(conn, kind.table(), job, outcome)):
-        log.warning("%s %s: claim lost before the outcome (%s) was recorded", kind.label, job.id, outcome.status)
-
-
-class _Outcomes:
-    """Records each outcome right after its send, one row at a time: batching outcomes
+    """Record the outcome right after its send, one row at a time: batching outcomes
     would widen the "sent, but not recorded" window that a crash turns into a duplicate.
 
-    ``pipelined`` (PostgreSQL autocommit): the commit of one outcome runs in a helper
-    thread while the next message is being sent — at most one outcome is ever in
-    flight, so a crash leaves at most two rows sent-but-unrecorded (each in the window
-    SPEC §2.7 allows), and both waits, the provider's and the database's, overlap. The
-    connection is never used by both threads at once: ``wait()`` comes before any other
-    statement.
+    On an ``Autocommit`` connection the commit runs in its helper thread (``later``)
+    while the next message is being sent — or, in a worker, while Celery acks this task
+    and fetches the next. At most one outcome is ever in flight, so a crash leaves at
+    most one more row sent-but-unrecorded than it would otherwise (each in the window
+    SPEC §2.7 allows); the waits for the provider and for the database overlap.
     """
+    def fn(conn: Connection) -> None:
+        if not record(conn, kind.table(), job, outcome):
+            log.warning("%s %s: claim lost before the outcome (%s) was recorded", kind.label, job.id, outcome.status)
 
-    def __init__(self, write: Write, kind: Kind, *, pipelined: bool):
-        self._write, self._kind = write, kind
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="alerts-outcomes") if pipelined else None
-        self._pending: Future | None = None
-
-    def record(self, job: Job, outcome: retry.Outcome) -> None:
-        if self._executor is None:
-            _record_outcome(self._write, self._kind, job, outcome)
-            return
-        self.wait()
-        self._pending = self._executor.submit(_record_outcome, self._write, self._kind, job, outcome)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self) -> "_Outcomes":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown()
+    if isinstance(write, Autocommit):
+        write.later(fn)
+    else:
+        write(fn)
 
 
 def _attempt(job: Job, now, settings, channels: ChannelSet, rng) -> retry.Outcome:
@@ -364,11 +419,18 @@ def record(conn: Connection, table: sa.Table, job: Job, outcome: retry.Outcome) 
     """Write the outcome if our claim still stands. A skip gives the attempt back: no
     send was tried."""
     attempts = job.attempts - 1 if outcome.status == "skipped" else job.attempts
-    result = conn.execute(_record_statement(table), {
-        "r_id": job.id, "r_claimed_attempts": job.attempts, "r_status": outcome.status,
-        "r_last_error": outcome.last_error, "r_next_retry_at": outcome.next_retry_at,
-        "r_sent_at": outcome.sent_at, "r_attempts": attempts})
-    return result.rowcount == 1
+    params = {"r_id": job.id, "r_claimed_attempts": job.attempts, "r_status": outcome.status,
+              "r_last_error": outcome.last_error, "r_next_retry_at": outcome.next_retry_at,
+              "r_sent_at": outcome.sent_at, "r_attempts": attempts}
+    if is_postgres(conn) and conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        _, rowcount = _record_script(table).run(conn, params)
+        return rowcount == 1
+    return conn.execute(_record_statement(table), params).rowcount == 1
+
+
+@functools.cache
+def _record_script(table: sa.Table) -> Script:
+    return Script(f"record_{table.name}", _record_statement(table))
 
 
 @functools.cache
@@ -436,14 +498,13 @@ def _due_instant(table: sa.Table, now: datetime) -> list:
 
 
 @functools.cache
-def _instant_query() -> sa.Select:
+def _instant_select() -> sa.Select:
     d, u, e = m.user_alert_deliveries, m.users, m.alert_events
     return (sa.select(d.c.id.label("delivery_id"), d.c.channel, u.c.is_active,
                       u.c.email, u.c.telegram_chat_id, u.c.phone,
                       e.c.id, e.c.event_key, e.c.alert_type, e.c.region, e.c.severity, e.c.title,
                       e.c.summary, e.c.url, e.c.created_at)
             .select_from(d.join(u, u.c.id == d.c.user_id).join(e, e.c.id == d.c.alert_event_id))
-            .where(d.c.id.in_(sa.bindparam("ids", expanding=True)))
             .order_by(d.c.id))
 
 
@@ -470,7 +531,7 @@ def _address(job: Job, user_row, channels: ChannelSet) -> None:
     job.recipient = address or None
 
 
-INSTANT = Kind("instant", lambda: m.user_alert_deliveries, _due_instant, _instant_query, _instant_jobs)
+INSTANT = Kind("instant", lambda: m.user_alert_deliveries, _due_instant, _instant_select, _instant_jobs)
 
 
 # --- digests ------------------------------------------------------------------------------
@@ -483,7 +544,7 @@ _EVENT_KEYS = ("id", "event_key", "alert_type", "region", "severity", "title", "
 
 
 @functools.cache
-def _digest_query() -> sa.Select:
+def _digest_select() -> sa.Select:
     """One row per item (a digest without items: one row, its event columns null)."""
     g, i, d, u, e = (m.user_alert_digests, m.user_alert_digest_items, m.user_alert_deliveries,
                      m.users, m.alert_events)
@@ -495,7 +556,6 @@ def _digest_query() -> sa.Select:
                          .outerjoin(i, i.c.digest_id == g.c.id)
                          .outerjoin(d, d.c.id == i.c.delivery_id)
                          .outerjoin(e, e.c.id == d.c.alert_event_id))
-            .where(g.c.id.in_(sa.bindparam("ids", expanding=True)))
             .order_by(g.c.id))
 
 
@@ -518,4 +578,4 @@ def _digest_jobs(rows: Sequence[Mapping], attempts: dict[int, int], settings: Se
     return jobs
 
 
-DIGEST = Kind("digests", lambda: m.user_alert_digests, _due_digest, _digest_query, _digest_jobs)
+DIGEST = Kind("digests", lambda: m.user_alert_digests, _due_digest, _digest_select, _digest_jobs)
