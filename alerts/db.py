@@ -148,7 +148,7 @@ class Script:
 
     def __init__(self, name: str, *statements: sa.Executable, preamble: str = ""):
         dialect = self._postgres_dialect()
-        self.name = name
+        self.name, self.preamble = name, preamble
         plain, prepare, execute = [preamble] if preamble else [], [], [preamble] if preamble else []
         self._bind_processors: dict[str, object] = {}
         self._fixed: dict[str, object] = {}  # values written into the statements themselves

@@ -1,21 +1,23 @@
 """Benchmark: due digests sent through Celery workers, next to a bare smtplib loop.
 
-    python bench/bench_celery.py [--digests 10000] [--workers 2] [--pool solo|prefork] [--concurrency 1]
+    python bench/bench_celery.py [--digests 10000] [--workers 2] [--pool threads|solo|prefork] [--concurrency 4]
 
 In one run, against one aiosmtpd server (tests/fakes/smtp_server.py via bench/_common.py,
 in a process of its own so it never shares the GIL with a sender):
 1. reference: one smtplib connection sending the same rendered digest (the exact bytes a
-   worker sends for it) N times; and, for context, one plain loop rendering each digest
-   and sending it (no claims, no Celery);
+   worker sends for it) N times — before the Celery run and again after it, the ratio
+   taken to the mean of the two (the machine's speed drifts during a run); and, for
+   context, one plain loop rendering each digest and sending it (no claims, no Celery);
 2. Celery: ``alerts.build_digests`` enqueues one ``alerts.send_digest`` per due digest and
    ``--workers`` worker processes (Redis broker, PostgreSQL; ``--pool``, ``--concurrency``
-   children per prefork worker, ``-O fair --without-gossip --without-mingle
+   threads — or children — per worker, ``-O fair --without-gossip --without-mingle
    --without-heartbeat``; the app keeps acks_late and prefetch multiplier 1) send them;
    timed from the trigger until the server has N messages, so Phase D and the enqueueing
    are included; duplicates counted at the server by Message-ID;
 3. the Celery no-op task rate of the same workers, for reference.
 
-The ratio reported is Celery digests/s over the bare loop's messages/s.
+The ratio reported is Celery digests/s over the bare loop's messages/s (mean of before
+and after).
 
 Needs PostgreSQL (ALERTS_BENCH_PG_ADMIN_URL, default postgresql://postgres@127.0.0.1/postgres)
 and Redis (ALERTS_BENCH_BROKER_URL, default redis://127.0.0.1:6379/13, flushed).
@@ -169,11 +171,13 @@ def main() -> None:
     parser.add_argument("--digests", type=int, default=10_000)
     parser.add_argument("--items", type=int, default=3, help="events per digest")
     parser.add_argument("--workers", type=int, default=2)
-    # solo: the task runs in the process that took it from Redis — no parent/child pipe
-    # and no idle parent competing for the CPU. On 2 cores 2 solo workers measured ~1.1-1.3x
-    # 2 prefork workers with -c 2, and 4 solo workers no faster than 2 (CPU-bound).
-    parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="solo")
-    parser.add_argument("--concurrency", type=int, default=1, help="child processes per prefork worker")
+    # threads: the pool replit.md recommends for the send queue. A send task mostly waits
+    # (Redis, PostgreSQL, the SMTP server), and threads overlap those waits inside one
+    # process; each thread keeps its own database and SMTP connection. On 2 cores:
+    # 2 processes x 4 threads measured 0.48-0.60x the bare loop, 2 solo workers 0.42-0.54x,
+    # one prefork worker with -c 2 0.26x (its parent relays every message over a pipe).
+    parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="threads")
+    parser.add_argument("--concurrency", type=int, default=4, help="threads or child processes per worker")
     parser.add_argument("--noop", type=int, default=10_000, help="no-op tasks for the reference rate")
     parser.add_argument("--timeout", type=float, default=600)
     options = parser.parse_args()
@@ -209,6 +213,11 @@ def main() -> None:
         time.sleep(1.0)  # let a late duplicate, if there were one, arrive
         ids = server.ask("ids")
         noop_run = celery_noop(client, broker, options.noop, options.timeout)
+        stop_workers(workers)
+        server.ask("reset")
+        # The reference again, after: on a shared machine the speed of everything drifts
+        # during a run, so the ratio is taken to the mean of the loop before and after.
+        bare_after_seconds = bare_smtplib(server.port, sender, recipient, data, n)
     finally:
         stop_workers(workers)
         server.stop()
@@ -217,11 +226,13 @@ def main() -> None:
         drop_database(url)
         broker.flushdb()
 
-    bare_rate, celery_rate = n / bare_seconds, n / digests["seconds"]
+    bare_rates = (n / bare_seconds, n / bare_after_seconds)
+    bare_rate, celery_rate = sum(bare_rates) / 2, n / digests["seconds"]
     report = {
         "digests": n, "items_per_digest": options.items, "workers": options.workers, "pool": options.pool,
         "concurrency": options.concurrency if options.pool != "solo" else 1,
         "bare_smtplib_per_s": round(bare_rate, 1),
+        "bare_smtplib_before_after_per_s": [round(rate, 1) for rate in bare_rates],
         "celery_digests_per_s": round(celery_rate, 1),
         "ratio": round(celery_rate / bare_rate, 3),
         "render_and_send_loop_per_s": round(n / render_seconds, 1),

@@ -2,7 +2,8 @@
 
     python -m tests.e2e_race loop --phase d --now ISO --stop FILE
         runs the real runner (alerts.runner.execute) again and again, printing each
-        run's JSON on stdout, until FILE exists;
+        run's JSON on stdout, until FILE exists; ``--phase tasks`` sends due rows one
+        by one as the Celery send tasks do;
     python -m tests.e2e_race send --now ISO --go FILE
         Phase C's send loop for instant deliveries WITHOUT the phase lock — as the
         Celery send tasks run — printing its counts as JSON; only the row claims keep
@@ -40,13 +41,39 @@ EXIT_TIMED_OUT = 4
 
 
 def loop(phase: str, now: str, stop: Path) -> int:
+    """``phase`` "tasks": instead of the runner, what the Celery send tasks do — one
+    ``send_one`` per due row on one shared connection (claim and load in one script)."""
     deadline = time.monotonic() + MAX_SECONDS
+    run = _tasks_runner(now) if phase == "tasks" else lambda: execute(phase, now, dry_run=False, as_json=True)
     while not stop.exists():
         if time.monotonic() > deadline:
             return EXIT_TIMED_OUT
-        execute(phase, now, dry_run=False, as_json=True)
+        run()
         sys.stdout.flush()
     return 0
+
+
+def _tasks_runner(now: str):
+    from alerts.channels.registry import build_channels
+    from alerts.phases.send import DIGEST, INSTANT, Autocommit, send_one
+    from alerts.runner import parse_now
+
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    db, channels, statements, at = Database(engine), build_channels(settings), Autocommit(engine), parse_now(now)
+
+    def run() -> None:
+        counts = {}
+        for kind in (INSTANT, DIGEST):
+            table = kind.table()
+            with engine.connect() as conn:
+                due = conn.execute(sa.select(table.c.id).where(table.c.status == "queued", *kind.due(table, at))
+                                   .order_by(table.c.id)).scalars().all()
+            outcomes = [send_one(db, kind, row_id, at, settings, channels, autocommit=statements) for row_id in due]
+            counts[kind.label] = {"sent": outcomes.count("sent")}
+        print(json.dumps({"c": counts}))
+
+    return run
 
 
 def send(now: str, go: Path) -> int:

@@ -232,6 +232,26 @@ def test_send_digest_called_three_times_sends_one_message(worker, client, conn, 
 
 
 @pytest.mark.slow
+def test_a_threads_pool_worker_sends_each_digest_once_whatever_the_repeats(client, conn, smtp_server,
+                                                                           pg_database, tmp_path):
+    """The pool replit.md recommends for the send queue: four threads in one process, each
+    with its own database and SMTP connection, racing for the same rows."""
+    digests = [add_digest(conn, add_user(conn), events=2) for _ in range(12)]
+    threaded = start_worker(celery_env(pg_database, smtp_server.host, smtp_server.port), tmp_path,
+                            queues="threads-test", pool="threads", concurrency=4)
+    try:
+        tasks = [client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)},
+                                  queue="threads-test") for _ in range(3) for digest in digests]
+        wait_until(lambda: all(f"[{task.id}] succeeded" in threaded.output() for task in tasks), 60,
+                   threaded.output)
+    finally:
+        threaded.stop()
+    assert sorted(message_ids(smtp_server)) == sorted(set(message_ids(smtp_server)))
+    assert len(smtp_server.messages) == len(digests)
+    assert {status_of(conn, m.user_alert_digests, digest) for digest in digests} == {("sent", 1)}
+
+
+@pytest.mark.slow
 def test_a_digest_claimed_by_a_killed_worker_is_sent_after_the_lease(worker, client, conn, smtp_server,
                                                                       pg_database, tmp_path):
     digest = add_digest(conn, add_user(conn))
@@ -258,11 +278,12 @@ def test_a_digest_claimed_by_a_killed_worker_is_sent_after_the_lease(worker, cli
 
 
 @pytest.mark.slow
-def test_sigterm_lets_the_send_in_flight_finish(client, conn, smtp_server, pg_database, tmp_path):
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_sigterm_lets_the_send_in_flight_finish(client, conn, smtp_server, pg_database, tmp_path, pool):
     digest = add_digest(conn, add_user(conn))
     smtp_server.data_delay = 1.5
     leaving = start_worker(celery_env(pg_database, smtp_server.host, smtp_server.port), tmp_path,
-                           queues="term-test", concurrency=1)
+                           queues="term-test", pool=pool, concurrency=1)
     try:
         client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)}, queue="term-test")
         wait_until(lambda: status_of(conn, m.user_alert_digests, digest)[0] == "sending", 30, leaving.output)

@@ -140,13 +140,16 @@ def slow_item_inserts(pg_url):
     engine.dispose()
 
 
+@pytest.mark.parametrize("sender", ["c", "tasks"])
 def test_phase_d_and_phase_c_looping_while_digest_deliveries_arrive_lose_and_repeat_nothing(
-        pg_url, slow_item_inserts, smtp_server, provider_api, tmp_path):
+        pg_url, slow_item_inserts, smtp_server, provider_api, tmp_path, sender):
+    """``sender`` "c": the runner's Phase C; "tasks": one send per row as the Celery send
+    tasks do, whose claim and load go to the server together."""
     subscriptions = seed_race_users(pg_url)
     env = runner_env(pg_url, smtp_server, provider_api)
     stop = tmp_path / "stop"
     logs = {phase: open(tmp_path / f"{phase}.jsonl", "w") for phase in ("d", "c")}
-    loops = {phase: start_loop(env, phase, stop, logs[phase]) for phase in ("d", "c")}
+    loops = {phase: start_loop(env, sender if phase == "c" else phase, stop, logs[phase]) for phase in ("d", "c")}
     try:
         producer = subprocess.run(
             [sys.executable, "-m", "tests.e2e_race", "produce", "--batches", "12", "--size", "5",
