@@ -13,6 +13,9 @@ one connection in autocommit mode: the server commits each one as it runs, as du
 as a transaction would, in one round trip instead of four (pool ping, BEGIN, statement,
 COMMIT). That keeps the per-message cost of recording each outcome right after its send
 small without batching outcomes, which would widen the duplicate window after a crash.
+A one-row send (the Celery tasks) sends its claim and load as one prepared script
+(``_claim_and_load_script``), and every outcome is a prepared UPDATE committed in the
+connection's helper thread while the next send gets going (``Autocommit.later``).
 """
 from __future__ import annotations
 
