@@ -28,10 +28,11 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 
 # --- the SMTP server, in its own process -----------------------------------------------------
 
-def _serve_smtp(pipe) -> None:
+def _serve_smtp(pipe, data_delay: float) -> None:
     from tests.fakes.smtp_server import FakeSmtpServer
 
     with FakeSmtpServer() as server:
+        server.data_delay = data_delay
         pipe.send(server.port)
         while True:
             command = pipe.recv()
@@ -44,17 +45,19 @@ def _serve_smtp(pipe) -> None:
                 pipe.send([len(mail.data) for mail in server.messages])
             elif command == "reset":
                 server.reset()
+                server.data_delay = data_delay
                 pipe.send(True)
             elif command == "stop":
                 return
 
 
 class SmtpServerProcess:
-    """tests/fakes/smtp_server.FakeSmtpServer in a child process, asked over a pipe."""
+    """tests/fakes/smtp_server.FakeSmtpServer in a child process, asked over a pipe.
+    ``data_delay``: seconds it waits before answering DATA (a real provider's latency)."""
 
-    def __init__(self):
+    def __init__(self, data_delay: float = 0.0):
         self._pipe, child = multiprocessing.Pipe()
-        self._process = multiprocessing.Process(target=_serve_smtp, args=(child,), daemon=True)
+        self._process = multiprocessing.Process(target=_serve_smtp, args=(child, data_delay), daemon=True)
         self._process.start()
         self.port = self._pipe.recv()
 
@@ -130,6 +133,13 @@ def sample_message(url: str, port: int, kind) -> tuple[str, str, bytes]:
     return settings.email_from, job.recipient, bytes(build_mime(job.message, settings.email_from, job.recipient))
 
 
+def digest_sample_message(url: str, port: int) -> tuple[str, str, bytes]:
+    """``sample_message`` for the first digest."""
+    from alerts.phases.send import DIGEST
+
+    return sample_message(url, port, DIGEST)
+
+
 def count_sent(url: str, table: str) -> int:
     """Rows of ``table`` (one of ours) in status ``sent``."""
     from alerts.db import make_engine
@@ -157,6 +167,95 @@ def bare_smtplib(port: int, sender: str, recipient: str, data: bytes, n: int) ->
         for _ in range(n):
             smtp.sendmail(sender, [recipient], data)
     return time.perf_counter() - started
+
+
+def bare_smtplib_pool(port: int, sender: str, recipient: str, data: bytes, n: int, connections: int) -> float:
+    """Seconds for ``connections`` smtplib connections, each in a thread of its own, to
+    send ``data`` n times between them: the reference for senders that overlap waits."""
+    import threading
+
+    left = [n]
+    lock = threading.Lock()
+
+    def work(smtp: smtplib.SMTP) -> None:
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            smtp.sendmail(sender, [recipient], data)
+
+    pool = [smtplib.SMTP("127.0.0.1", port) for _ in range(connections)]
+    threads = [threading.Thread(target=work, args=(smtp,)) for smtp in pool]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    for smtp in pool:
+        smtp.quit()
+    return seconds
+
+
+# --- CPU accounting ------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields from "state" on (field 3)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a process, its reaped children and its live descendants."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            stats[int(entry)] = fields
+    children: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    total, pending, root = 0.0, [pid], True
+    while pending:
+        current = pending.pop()
+        fields = stats.get(current)
+        if fields is None:
+            continue
+        # utime, stime (fields 14, 15) and, for the root, cutime, cstime (16, 17)
+        ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if root else 0)
+        total += ticks / _TICK
+        root = False
+        pending += children.get(current, [])
+    return total
+
+
+def postgres_cpu() -> float:
+    """CPU seconds of the local PostgreSQL server: the postmaster, every backend it has
+    reaped and every live one."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _is_postmaster(int(entry)):
+            return process_tree_cpu(int(entry))
+    return float("nan")
+
+
+def _is_postmaster(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and cmd[0].endswith(b"postgres") and b"-D" in cmd
+
+
+def redis_cpu(client) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def wait_for(predicate, timeout: float, poll: float = 0.05) -> float:
