@@ -6,20 +6,34 @@ Every variable is checked at start, whether or not this run uses it; a bad value
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 from urllib.parse import urlparse, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-DIGEST_PERIODS = ("daily", "hourly")
+from alerts.models import DIGEST_PERIODS
+
 EMAIL_BACKENDS = ("smtp", "file")
 SMTP_TLS_MODES = ("none", "starttls", "ssl")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+# Celery: the longest countdown a task ever sets on itself (a booked Telegram slot) and
+# the longest backoff of Celery's own retries. The Redis visibility timeout must stay far
+# above both, or Redis would hand a waiting task to a second worker while the first
+# still holds it; longer waits live in the rows' next_retry_at, never in the broker.
+MAX_COUNTDOWN_SECONDS = 60
+INFRA_BACKOFF_MAX_SECONDS = 60
+MIN_VISIBILITY_TIMEOUT_SECONDS = 10 * max(MAX_COUNTDOWN_SECONDS, INFRA_BACKOFF_MAX_SECONDS)
 
 # Names of settings whose values must never be printed (logs, status, errors).
-SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token"})
+SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token", "secret_key"})
 # URL settings that may carry a password (postgresql://user:pw@…, redis://:pw@…).
 URL_FIELDS = frozenset({"database_url", "celery_broker_url", "app_base_url", "telegram_api_base",
-                        "twilio_api_base"})
+                        "twilio_api_base", "ratelimit_redis_url", "public_url"})
+MIN_SECRET_KEY_CHARS = 32
+SEVERITIES = (1, 5)
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]\Z")
 
 
 class ConfigError(ValueError):
@@ -38,6 +52,13 @@ class Settings:
     digest_period: str = "daily"
     hourly_digest_plans: frozenset[str] = frozenset()
     app_base_url: str | None = None
+    # SPEC §10: the reader's schedule
+    digest_send_time: str = "00:00"
+    digest_bypass_severity: int | None = None
+    quiet_hours_bypass_severity: int = 5
+    # SPEC §11: the subscriber-facing web app
+    public_url: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
     max_attempts: int = 5
     retry_base_seconds: int = 60
     retry_max_seconds: int = 3600
@@ -59,6 +80,18 @@ class Settings:
     twilio_api_base: str = "https://api.twilio.com/2010-04-01"
     http_timeout_seconds: float = 10.0
     send_batch_size: int = 200
+    # Celery (celery_app.py, beat_schedule.py)
+    celery_visibility_timeout_seconds: int = 3600
+    reenqueue_after_seconds: int = 600
+    ratelimit_redis_url: str | None = None  # None: no Redis to share the Telegram limit in
+    beat_intake_seconds: int = 30
+    beat_digest_seconds: int = 60
+    beat_dispatch_seconds: int = 15
+    beat_recover_seconds: int = 60
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return _scheme(self.celery_broker_url) in REDIS_SCHEMES
 
     @property
     def tz(self) -> ZoneInfo:
@@ -87,13 +120,20 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         r = EnvReader(env)
-        return cls(
+        broker_url = r.text("CELERY_BROKER_URL", cls.celery_broker_url)
+        settings = cls(
             database_url=r.text("DATABASE_URL", cls.database_url),
-            celery_broker_url=r.text("CELERY_BROKER_URL", cls.celery_broker_url),
+            celery_broker_url=broker_url,
             timezone=r.timezone("ALERTS_TIMEZONE", cls.timezone),
             digest_period=r.choice("ALERTS_DIGEST_PERIOD", DIGEST_PERIODS, cls.digest_period),
             hourly_digest_plans=r.csv("ALERTS_HOURLY_DIGEST_PLANS"),
             app_base_url=r.http_url("ALERTS_APP_BASE_URL"),
+            digest_send_time=r.clock_time("ALERTS_DIGEST_SEND_TIME", cls.digest_send_time),
+            digest_bypass_severity=r.optional_integer("ALERTS_DIGEST_BYPASS_SEVERITY", *SEVERITIES),
+            quiet_hours_bypass_severity=r.integer("ALERTS_QUIET_HOURS_BYPASS_SEVERITY", cls.quiet_hours_bypass_severity,
+                                                  *SEVERITIES),
+            public_url=r.http_url("ALERTS_PUBLIC_URL"),
+            secret_key=r.optional("ALERTS_SECRET_KEY"),
             max_attempts=r.integer("ALERTS_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             retry_base_seconds=r.integer("ALERTS_RETRY_BASE_SECONDS", cls.retry_base_seconds, minimum=0),
             retry_max_seconds=r.integer("ALERTS_RETRY_MAX_SECONDS", cls.retry_max_seconds, minimum=0),
@@ -115,7 +155,40 @@ class Settings:
             twilio_api_base=r.http_url("ALERTS_TWILIO_API_BASE") or cls.twilio_api_base,
             http_timeout_seconds=r.number("ALERTS_HTTP_TIMEOUT_SECONDS", cls.http_timeout_seconds),
             send_batch_size=r.integer("ALERTS_SEND_BATCH_SIZE", cls.send_batch_size, minimum=1),
+            celery_visibility_timeout_seconds=r.integer(
+                "ALERTS_CELERY_VISIBILITY_TIMEOUT_SECONDS", cls.celery_visibility_timeout_seconds,
+                minimum=MIN_VISIBILITY_TIMEOUT_SECONDS),
+            reenqueue_after_seconds=r.integer("ALERTS_REENQUEUE_AFTER_SECONDS", cls.reenqueue_after_seconds, minimum=1),
+            ratelimit_redis_url=_ratelimit_redis_url(r, broker_url),
+            beat_intake_seconds=r.integer("ALERTS_BEAT_INTAKE_SECONDS", cls.beat_intake_seconds, minimum=1),
+            beat_digest_seconds=r.integer("ALERTS_BEAT_DIGEST_SECONDS", cls.beat_digest_seconds, minimum=1),
+            beat_dispatch_seconds=r.integer("ALERTS_BEAT_DISPATCH_SECONDS", cls.beat_dispatch_seconds, minimum=1),
+            beat_recover_seconds=r.integer("ALERTS_BEAT_RECOVER_SECONDS", cls.beat_recover_seconds, minimum=1),
         )
+        if settings.public_url and len(settings.secret_key or "") < MIN_SECRET_KEY_CHARS:
+            raise ConfigError("ALERTS_SECRET_KEY", f"must be set, at least {MIN_SECRET_KEY_CHARS} characters, when "
+                              "ALERTS_PUBLIC_URL is set (it signs the unsubscribe links)")
+        if settings.telegram_bot_token and settings.ratelimit_redis_url is None:
+            # Without a Redis to share it in, the Telegram limit would be off: a burst
+            # would go out unthrottled into Telegram's 429s.
+            raise ConfigError("ALERTS_RATELIMIT_REDIS_URL", "required (a redis:// URL for the shared Telegram rate "
+                              "limit) when CELERY_BROKER_URL is not Redis and ALERTS_TELEGRAM_BOT_TOKEN is set")
+        return settings
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def _ratelimit_redis_url(r: "EnvReader", broker_url: str) -> str | None:
+    """The Redis that holds the Telegram rate limit: ALERTS_RATELIMIT_REDIS_URL, else the
+    broker's when the broker is Redis."""
+    url = r.optional("ALERTS_RATELIMIT_REDIS_URL")
+    if url is None:
+        return broker_url if _scheme(broker_url) in REDIS_SCHEMES else None
+    if _scheme(url) not in REDIS_SCHEMES:
+        raise ConfigError("ALERTS_RATELIMIT_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
+    return url
 
 
 def mask_url_password(url: str) -> str:
@@ -163,6 +236,16 @@ class EnvReader:
             raise ConfigError(name, f"must be at least {minimum} (got {value})")
         if maximum is not None and value > maximum:
             raise ConfigError(name, f"must be at most {maximum} (got {value})")
+        return value
+
+    def optional_integer(self, name: str, minimum: int, maximum: int) -> int | None:
+        return None if self.optional(name) is None else self.integer(name, 0, minimum, maximum)
+
+    def clock_time(self, name: str, default: str) -> str:
+        """A 24-hour local time of day, HH:MM."""
+        value = self.optional(name) or default
+        if not _HHMM.match(value):
+            raise ConfigError(name, f"must be a time of day as HH:MM, 00:00 to 23:59 (got {value!r})")
         return value
 
     def number(self, name: str, default: float) -> float:

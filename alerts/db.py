@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How long ``retrying`` waits for the database to come back: 7.6 s in all, far below any
+# sensible lease.
+RECONNECT_PAUSES_SECONDS = (0.1, 0.5, 1.0, 2.0, 4.0)
+
+T = TypeVar("T")
 
 
 class NotMigrated(RuntimeError):
@@ -37,6 +42,10 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     if url_obj.get_backend_name() == "postgresql" and url_obj.drivername == "postgresql":
         url_obj = url_obj.set(drivername="postgresql+psycopg2")
+    # READ COMMITTED is stated, not assumed: a sender's load must see every digest item
+    # Phase D committed before the claim in the same transaction shut it out, which a
+    # REPEATABLE READ default would hide.
+    kwargs.setdefault("isolation_level", "READ COMMITTED")
     return sa.create_engine(url_obj, pool_pre_ping=True, **kwargs)
 
 
@@ -124,117 +133,27 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-# --- statements sent together, prepared once per connection -------------------------
+# --- riding out a dropped connection -------------------------------------------------
 
-class Script:
-    """Statements PostgreSQL runs one after another in one round trip, as one implicit
-    transaction — all or nothing — each with a snapshot of its own (READ COMMITTED).
+def retrying(write: Callable[[], T], what: str) -> T:
+    """``write()`` — a transaction of its own — run again on a fresh connection when the
+    database dropped the connection or could not be reached (a restart, a failover,
+    pg_terminate_backend), for up to ``sum(RECONNECT_PAUSES_SECONDS)`` seconds.
 
-    On each connection the statements are prepared (PREPARE) on first use and run with
-    EXECUTE from then on, so the server parses and plans them once instead of on every
-    send: most of what a one-row claim or outcome costs the server. Where a connection
-    cannot keep prepared statements — a transaction-pooling PgBouncer, which hands each
-    round trip to any server connection — the script notices (the statement is missing,
-    or already there) and sends its plain SQL on that connection from then on.
-
-    ``preamble``: plain SQL sent first (what cannot be prepared, e.g. SET TRANSACTION).
-    Parameters are named; a name may appear in several statements, with one value.
-    ``run`` returns the last statement's rows, typed like its columns, and row count.
-    Only for connections in autocommit mode: a failed PREPARE inside a transaction would
-    abort it.
+    For the writes that must not be lost after a message went out: an outcome that
+    cannot be written leaves its row in ``sending``, and the row would be sent a second
+    time after the lease although this process knows it was sent. The writes given here
+    are fenced on their claim, so one repeated after a lost reply changes nothing.
     """
-
-    _dialect = None
-
-    def __init__(self, name: str, *statements: sa.Executable, preamble: str = ""):
-        dialect = self._postgres_dialect()
-        self.name, self.preamble = name, preamble
-        plain, prepare, execute = [preamble] if preamble else [], [], [preamble] if preamble else []
-        self._bind_processors: dict[str, object] = {}
-        self._fixed: dict[str, object] = {}  # values written into the statements themselves
-        for n, statement in enumerate(statements):
-            compiled = statement.compile(dialect=dialect)
-            if "%%" in compiled.string:
-                raise ValueError(f"{name}: a literal % cannot be prepared as written")
-            names: list[str] = []
-
-            def rename(match: re.Match) -> str:
-                bind = compiled.binds[match.group(1)]
-                impl = bind.type.dialect_impl(dialect)
-                if not bind.required:
-                    # A value fixed in the statement ('queued', NULL) is written in as
-                    # a literal, so the plan can use the partial indexes it matches.
-                    literal = impl.literal_processor(dialect)
-                    if bind.effective_value is None:
-                        return "NULL"
-                    if literal is not None:
-                        return literal(bind.effective_value)
-                    key = f"s{n}_{match.group(1)}"
-                    self._fixed[key] = bind.effective_value
-                else:
-                    key = bind.key
-                processor = impl.bind_processor(dialect)
-                if processor is not None:
-                    self._bind_processors[key] = processor
-                if key not in names:
-                    names.append(key)
-                return f"%({key})s"
-
-            sql = _PYFORMAT.sub(rename, compiled.string)
-            prepared_name = f"alerts_{name}_{n}"
-            plain.append(sql)
-            prepare.append(f"PREPARE {prepared_name} AS "
-                           + _PYFORMAT.sub(lambda match: f"${names.index(match.group(1)) + 1}", sql))
-            execute.append(f"EXECUTE {prepared_name}({', '.join(f'%({key})s' for key in names)})"
-                           if names else f"EXECUTE {prepared_name}")
-        self._plain, self._prepare, self._execute = "; ".join(plain), "; ".join(prepare), "; ".join(execute)
-        last = statements[-1]
-        columns = list(getattr(last, "selected_columns", ()))
-        self._keys = [column.key for column in columns]
-        self._result_processors = [column.type.dialect_impl(dialect).result_processor(dialect, None)
-                                   for column in columns]
-
-    @classmethod
-    def _postgres_dialect(cls):
-        if cls._dialect is None:
-            from sqlalchemy.dialects.postgresql import psycopg2
-
-            cls._dialect = psycopg2.dialect()
-        return cls._dialect
-
-    def run(self, conn: Connection, params: dict) -> tuple[list[dict], int]:
-        params = {key: (self._bind_processors[key](value) if key in self._bind_processors else value)
-                  for key, value in {**self._fixed, **params}.items()}
-        state = conn.connection.info.setdefault(_PREPARED_KEY, {"names": set(), "off": False})
-        if not state["off"]:
-            try:
-                if self.name not in state["names"]:
-                    conn.exec_driver_sql(self._prepare)
-                    state["names"].add(self.name)
-                return self._rows(conn.exec_driver_sql(self._execute, params))
-            except sa.exc.DBAPIError as exc:
-                if getattr(exc.orig, "pgcode", None) not in _PREPARED_STATEMENT_TROUBLE:
-                    raise
-                # Nothing ran (the round trip failed as a whole): go plain on this connection.
-                log.info("prepared statements do not stick on this connection (%s); sending plain SQL",
-                         type(exc.orig).__name__)
-                state["off"] = True
-        return self._rows(conn.exec_driver_sql(self._plain, params))
-
-    def _rows(self, result) -> tuple[list[dict], int]:
-        if not self._keys:
-            return [], result.rowcount
-        rows = [{key: (process(value) if process is not None else value)
-                 for key, process, value in zip(self._keys, self._result_processors, raw)}
-                for raw in result.fetchall()]
-        return rows, result.rowcount
-
-
-_PYFORMAT = re.compile(r"%\((\w+)\)s")
-_PREPARED_KEY = "alerts.prepared_scripts"
-# invalid_sql_statement_name (EXECUTE of a statement this server connection lacks),
-# duplicate_prepared_statement (PREPARE of one it already has).
-_PREPARED_STATEMENT_TROUBLE = ("26000", "42P05")
+    for pause in (*RECONNECT_PAUSES_SECONDS, None):
+        try:
+            return write()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            if pause is None:
+                raise
+            log.warning("%s: database unreachable (%s); trying again in %ss", what, type(exc.orig).__name__, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 # --- migrations -----------------------------------------------------------------------

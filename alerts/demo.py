@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
 import sqlalchemy as sa
 
 from alerts import models as m
+from alerts.clock import Clock
 from alerts.config import Settings
 from alerts.db import Database, make_engine, migrate
-from alerts.ingest import ingest_lines
+from alerts.producers import ingest_lines
 from alerts.pipeline import ALL, run_phases, session
 
 # (email, telegram chat, phone, timezone, prefs as (alert_type, region, min_severity, channel, kind))
@@ -69,7 +70,8 @@ def _ensure_users(conn) -> None:
 
 def run_demo(settings: Settings, *, outbox: str | None = None, echo: Callable[[str], None] = print) -> dict:
     settings = replace(settings, email_backend="file", outbox_dir=outbox or settings.outbox_dir)
-    now = datetime.now(timezone.utc)
+    clock = Clock()
+    now = clock.now()
     echo(f"database: {make_engine(settings.database_url).url.render_as_string(hide_password=True)}")
     migrate(settings.database_url)
     engine = make_engine(settings.database_url)
@@ -80,7 +82,7 @@ def run_demo(settings: Settings, *, outbox: str | None = None, echo: Callable[[s
         report = ingest_lines(Database(engine), [json.dumps(e) for e in _sample_events(str(int(started)), now)])
         echo(f"ingested {report.stored} sample events")
         with session(engine, settings) as (db, channels):
-            results = run_phases(db, ALL, now, settings, channels)
+            results = run_phases(db, ALL, clock, settings, channels)
         for name in ALL:
             echo(f"phase {name}: {json.dumps(results[name])}")
         _show_outcomes(engine, echo)

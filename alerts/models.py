@@ -1,5 +1,7 @@
-"""Table definitions (SQLAlchemy Core). The migrations in ``migrations/`` create them;
-these objects are what the phases query with."""
+"""Table definitions (SQLAlchemy Core) and the one home of the names stored in them:
+statuses, channels, periods and the reasons the pipeline itself writes to ``last_error``.
+The migrations in ``migrations/`` create the tables; these objects are what the phases
+query with."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -11,10 +13,27 @@ metadata = sa.MetaData()
 
 CHANNELS = ("email", "telegram", "sms")
 DIGEST_CHANNELS = ("email", "telegram")
-DELIVERY_KINDS = ("instant", "digest")
+# The users column that holds each channel's address.
+RECIPIENT_COLUMNS = {"email": "email", "telegram": "telegram_chat_id", "sms": "phone"}
+DELIVERY_KINDS = INSTANT, DIGEST = ("instant", "digest")
 EVENT_STATUSES = ("new", "ready", "rejected", "fanned_out")
-SEND_STATUSES = ("queued", "sending", "sent", "failed", "skipped")
-DIGEST_PERIODS = ("daily", "hourly")
+SEND_STATUSES = QUEUED, SENDING, SENT, FAILED, SKIPPED = ("queued", "sending", "sent", "failed", "skipped")
+DIGEST_PERIODS = DAILY, HOURLY = ("daily", "hourly")
+
+# What the pipeline writes to last_error (providers' reasons come from the channels).
+BATCHED_INTO_DIGEST = "batched_into_digest"
+SMS_DIGEST_NOT_SUPPORTED = "sms_digest_not_supported"
+USER_INACTIVE = "user is inactive"
+DIGEST_WITHOUT_ITEMS = "digest has no items"
+
+
+def no_address(channel: str) -> str:
+    return f"recipient has no {RECIPIENT_COLUMNS[channel]}"
+
+
+def send_interrupted(lease_seconds: int, used_up: bool) -> str:
+    reason = f"send interrupted: no outcome within the {lease_seconds}s lease"
+    return reason + " (attempts used up)" if used_up else reason
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -60,6 +79,10 @@ users = sa.Table(
     sa.Column("digest_period", sa.Text),
     sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    # SPEC §10 (migration 0004, which also holds their format CHECKs): the user's local
+    # time of day that ends one daily window (HH:MM) and their quiet period (HH:MM-HH:MM).
+    sa.Column("digest_send_time", sa.Text),
+    sa.Column("quiet_hours", sa.Text),
     sa.CheckConstraint(
         "digest_period IS NULL OR " + _in("digest_period", DIGEST_PERIODS), name="ck_users_digest_period"
     ),
@@ -98,6 +121,8 @@ alert_events = sa.Table(
     sa.Column("status", sa.Text, nullable=False, server_default="new"),
     sa.Column("reject_reason", sa.Text),
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    # SPEC §10.3 (migration 0004): the producer's key for one story told in several events.
+    sa.Column("collapse_key", sa.Text),
     sa.CheckConstraint(_in("status", EVENT_STATUSES), name="ck_events_status"),
 )
 
@@ -190,4 +215,18 @@ user_alert_digest_items = sa.Table(
               nullable=False),
     sa.PrimaryKeyConstraint("digest_id", "delivery_id", name="pk_digest_items"),
     sa.UniqueConstraint("delivery_id", name="uq_digest_items_delivery"),
+)
+
+# --- destination health (migration 0005) ---------------------------------------------------
+
+user_channel_blocks = sa.Table(
+    "user_channel_blocks",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("address", sa.Text, nullable=False),  # the address that failed
+    sa.Column("reason", sa.Text, nullable=False),  # the provider's words
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    sa.PrimaryKeyConstraint("user_id", "channel", name="pk_user_channel_blocks"),
+    sa.CheckConstraint(_in("channel", CHANNELS), name="ck_blocks_channel"),
 )

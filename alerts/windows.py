@@ -15,8 +15,9 @@ from datetime import datetime, time, timedelta, timezone
 from typing import Callable, Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from alerts.models import DAILY, HOURLY
+
 UTC = timezone.utc
-DAILY, HOURLY = "daily", "hourly"
 SECOND = timedelta(seconds=1)
 # Longer than any window can be, so a bisection bracket of this size holds a boundary.
 _MAX_LENGTH = {DAILY: timedelta(days=3), HOURLY: timedelta(hours=3)}

@@ -117,8 +117,8 @@ def database(url: str | None = None, prefix: str = "alerts_bench") -> Iterator[s
         drop_database(url)
 
 
-def sample_message(url: str, port: int, kind) -> tuple[str, str, bytes]:
-    """The first row of ``kind`` (alerts.phases.send.INSTANT or DIGEST) rendered and built
+def sample_message(url: str, port: int, outbox) -> tuple[str, str, bytes]:
+    """The first row of ``outbox`` (alerts.outbox.INSTANT or DIGESTS) rendered and built
     exactly as the senders do it: (from, to, bytes) for the bare smtplib reference."""
     from alerts.channels.email import build_mime
     from alerts.channels.registry import build_channels
@@ -127,17 +127,17 @@ def sample_message(url: str, port: int, kind) -> tuple[str, str, bytes]:
     settings = smtp_settings(url, port)
     engine = make_engine(url)
     with engine.connect() as conn:
-        first = conn.exec_driver_sql(f"SELECT min(id) FROM {kind.table().name}").scalar_one()
-        (job,) = kind.load(conn, [(first, 1)], settings, build_channels(settings))
+        first = conn.exec_driver_sql(f"SELECT min(id) FROM {outbox.table.name}").scalar_one()
+        (job,) = outbox.load(conn, [(first, 1)], settings, build_channels(settings))
     engine.dispose()
     return settings.email_from, job.recipient, bytes(build_mime(job.message, settings.email_from, job.recipient))
 
 
 def digest_sample_message(url: str, port: int) -> tuple[str, str, bytes]:
     """``sample_message`` for the first digest."""
-    from alerts.phases.send import DIGEST
+    from alerts.outbox import DIGESTS
 
-    return sample_message(url, port, DIGEST)
+    return sample_message(url, port, DIGESTS)
 
 
 def count_sent(url: str, table: str) -> int:

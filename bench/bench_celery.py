@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from celery import shared_task  # noqa: E402
 
-from alerts.phases.send import DIGEST  # noqa: E402
+from alerts.outbox import DIGESTS  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
                            count_sent, drop_database, sample_message, smtp_settings, wait_for)
 
@@ -105,7 +105,7 @@ def render_and_send(url: str, port: int, n: int) -> float:
     started = time.perf_counter()
     with engine.connect() as conn, smtplib.SMTP("127.0.0.1", port) as smtp:
         for first in range(0, len(ids), 500):
-            for job in DIGEST.load(conn, [(i, 1) for i in ids[first:first + 500]], settings, channels):
+            for job in DIGESTS.load(conn, [(i, 1) for i in ids[first:first + 500]], settings, channels):
                 smtp.sendmail(sender, [job.recipient], build_mime(job.message, settings.email_from, job.recipient))
     seconds = time.perf_counter() - started
     engine.dispose()
@@ -173,9 +173,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     # threads: the pool replit.md recommends for the send queue. A send task mostly waits
     # (Redis, PostgreSQL, the SMTP server), and threads overlap those waits inside one
-    # process; each thread keeps its own database and SMTP connection. On 2 cores:
-    # 2 processes x 4 threads measured 0.48-0.60x the bare loop, 2 solo workers 0.42-0.54x,
-    # one prefork worker with -c 2 0.26x (its parent relays every message over a pipe).
+    # process; each thread keeps its own SMTP connection.
     parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="threads")
     parser.add_argument("--concurrency", type=int, default=4, help="threads or child processes per worker")
     parser.add_argument("--noop", type=int, default=10_000, help="no-op tasks for the reference rate")
@@ -198,7 +196,7 @@ def main() -> None:
                        task_routes={"alerts.send_*": {"queue": "alerts.send"}})
     try:
         seed(url, n, options.items)
-        sender, recipient, data = sample_message(url, server.port, DIGEST)
+        sender, recipient, data = sample_message(url, server.port, DIGESTS)
         bare_seconds = bare_smtplib(server.port, sender, recipient, data, n)
         server.ask("reset")
         render_seconds = render_and_send(url, server.port, n)

@@ -207,6 +207,8 @@ def _run_reference(engine) -> dict:
 
 def _child(url: str) -> None:
     """Runs in its own process: Phase B once, then its time and counts as JSON."""
+    from alerts.channels.registry import ChannelSet
+    from alerts.clock import Clock
     from alerts.config import Settings
     from alerts.db import Database
     from alerts.phases.fanout import run_phase_b
@@ -217,7 +219,7 @@ def _child(url: str) -> None:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     cpu = _backend_cpu(backend)
     started = time.perf_counter()
-    counts = run_phase_b(Database(engine), NOW, settings)
+    counts = run_phase_b(Database(engine), Clock(NOW), settings, ChannelSet())
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "backend_cpu_s": _cpu_delta(cpu, _backend_cpu(backend)),
                       "counts": counts}))

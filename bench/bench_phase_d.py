@@ -193,13 +193,15 @@ def _child(url: str) -> None:
     import resource
 
     from alerts.db import Database
+    from alerts.channels.registry import ChannelSet
+    from alerts.clock import Clock
     from alerts.phases.digests import run_phase_d
 
     settings = Settings.from_env({**ENV, "DATABASE_URL": url})
     engine = make_engine(url)
     base_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter and imports
     started = time.perf_counter()
-    counts = run_phase_d(Database(engine), NOW, settings)
+    counts = run_phase_d(Database(engine), Clock(NOW), settings, ChannelSet())
     seconds = time.perf_counter() - started
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "max_rss_mb": max_rss_mb, "base_rss_mb": base_rss_mb, "counts": counts}))

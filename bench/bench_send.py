@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alerts.phases.send import INSTANT  # noqa: E402
+from alerts.outbox import INSTANT  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
                            count_sent, drop_database, sample_message, smtp_settings)
 
@@ -77,12 +77,12 @@ def requeue(url: str) -> None:
 def phase_c_in_process(url: str, port: int, profile: str | None) -> tuple[float, dict]:
     from alerts.channels.registry import build_channels
     from alerts.db import Database, make_engine
+    from alerts.clock import Clock
     from alerts.phases.send import run_phase_c
 
     settings = smtp_settings(url, port)
     engine = make_engine(url)
     channels = build_channels(settings)
-    now = datetime.now(timezone.utc)
     profiler = None
     if profile:
         import cProfile
@@ -92,7 +92,7 @@ def phase_c_in_process(url: str, port: int, profile: str | None) -> tuple[float,
     try:
         if profiler:
             profiler.enable()
-        counts = run_phase_c(Database(engine), now, settings, channels)
+        counts = run_phase_c(Database(engine), Clock(), settings, channels)
         seconds = time.perf_counter() - started
     finally:
         if profiler:

@@ -57,7 +57,7 @@ from celery import Celery  # noqa: E402
 
 from alerts import models as m  # noqa: E402
 from alerts.db import Database, make_engine, migrate  # noqa: E402
-from alerts.ingest import ingest_event  # noqa: E402
+from alerts.producers import ingest_event  # noqa: E402
 import soak_check  # noqa: E402
 from tests.fakes.provider_api import BLOCKED, ProviderApi  # noqa: E402
 from tests.fakes.smtp_server import MAILBOX_UNAVAILABLE, TRY_LATER, FakeSmtpServer  # noqa: E402

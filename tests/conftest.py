@@ -1,13 +1,17 @@
-"""Shared fixtures: real databases (PostgreSQL and SQLite), settings, row factories.
+"""Shared fixtures: real databases (PostgreSQL and SQLite), a real Redis, settings.
 
 The functional suite runs on both databases through the parametrised ``db_url``
 fixture; tests that need PostgreSQL-only behaviour (SKIP LOCKED, advisory locks, several
-processes) use ``pg_url``.
+processes) use ``pg_url``. Redis is a private ``redis-server`` per test session, on a
+free port, so test runs side by side never share (or flush) each other's queues.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -24,6 +28,41 @@ PG_ADMIN_URL = os.environ.get("ALERTS_TEST_PG_ADMIN_URL", "postgresql://postgres
 
 def _pg_url(dbname: str) -> str:
     return sa.engine.make_url(PG_ADMIN_URL).set(database=dbname).render_as_string(hide_password=False)
+
+
+class RedisServer:
+    """A ``redis-server`` of this test session's own (nothing on disk)."""
+
+    def __init__(self, directory):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@
         concurrent senders apart. Says it is ready (FILE.ready.PID) and starts when FILE
         exists, so that all start together;
     python -m tests.e2e_race produce --batches N --size K --created-at ISO [ISO ...]
-        ingests N batches of K events (alerts.ingest, the code behind `alerts ingest`)
+        ingests N batches of K events (alerts.producers, the code behind `alerts ingest`)
         and fans each batch out with Phases A and B under their locks. After half the
         batches it waits until some digest has been sent, so the second half arrives for
         windows whose digest has already left `queued`.
@@ -24,17 +24,17 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from alerts import models as m
+from alerts.cli.run import execute
+from alerts.clock import Clock, parse_instant
 from alerts.config import Settings
 from alerts.db import Database, make_engine
-from alerts.ingest import ingest_lines
 from alerts.pipeline import run_phases, session
-from alerts.runner import execute
+from alerts.producers import ingest_lines
 
 MAX_SECONDS = 90  # a loop or producer never outlives a stuck test
 EXIT_TIMED_OUT = 4
@@ -42,7 +42,7 @@ EXIT_TIMED_OUT = 4
 
 def loop(phase: str, now: str, stop: Path) -> int:
     """``phase`` "tasks": instead of the runner, what the Celery send tasks do — one
-    ``send_one`` per due row on one shared connection (claim and load in one script)."""
+    ``send_one`` per due row."""
     deadline = time.monotonic() + MAX_SECONDS
     run = _tasks_runner(now) if phase == "tasks" else lambda: execute(phase, now, dry_run=False, as_json=True)
     while not stop.exists():
@@ -55,30 +55,30 @@ def loop(phase: str, now: str, stop: Path) -> int:
 
 def _tasks_runner(now: str):
     from alerts.channels.registry import build_channels
-    from alerts.phases.send import DIGEST, INSTANT, Autocommit, send_one
-    from alerts.runner import parse_now
+    from alerts.outbox import OUTBOXES
+    from alerts.phases.send import send_one
 
     settings = Settings.from_env()
     engine = make_engine(settings.database_url)
-    db, channels, statements, at = Database(engine), build_channels(settings), Autocommit(engine), parse_now(now)
+    db, channels, clock = Database(engine), build_channels(settings), Clock(parse_instant(now))
 
     def run() -> None:
         counts = {}
-        for kind in (INSTANT, DIGEST):
-            table = kind.table()
+        for outbox in OUTBOXES:
+            table = outbox.table
             with engine.connect() as conn:
-                due = conn.execute(sa.select(table.c.id).where(table.c.status == "queued", *kind.due(table, at))
+                due = conn.execute(sa.select(table.c.id).where(table.c.status == "queued", *outbox.due(clock.now()))
                                    .order_by(table.c.id)).scalars().all()
-            outcomes = [send_one(db, kind, row_id, at, settings, channels, autocommit=statements) for row_id in due]
-            counts[kind.label] = {"sent": outcomes.count("sent")}
+            outcomes = [send_one(db, outbox, row_id, clock, settings, channels) for row_id in due]
+            counts[outbox.name] = {"sent": outcomes.count("sent")}
         print(json.dumps({"c": counts}))
 
     return run
 
 
 def send(now: str, go: Path) -> int:
-    from alerts.phases.send import INSTANT, send_due
-    from alerts.runner import parse_now
+    from alerts.outbox import INSTANT
+    from alerts.phases.send import send_due
 
     settings = Settings.from_env()
     engine = make_engine(settings.database_url)
@@ -90,7 +90,7 @@ def send(now: str, go: Path) -> int:
         time.sleep(0.01)
     try:
         with session(engine, settings) as (db, channels):
-            counts = send_due(db, INSTANT, parse_now(now), settings, channels)
+            counts = send_due(db, INSTANT, Clock(parse_instant(now)), settings, channels)
     finally:
         engine.dispose()
     print(json.dumps(counts.as_dict()))
@@ -101,7 +101,7 @@ def produce(batches: int, size: int, created_at: list[str]) -> int:
     settings = Settings.from_env()
     engine = make_engine(settings.database_url)
     db = Database(engine)
-    now = datetime.now(timezone.utc)
+    clock = Clock()
     try:
         for batch in range(batches):
             if batch == batches // 2 and not _wait_for_a_sent_digest(engine):
@@ -114,7 +114,7 @@ def produce(batches: int, size: int, created_at: list[str]) -> int:
             assert report.stored == size and not report.errors, report
             with session(engine, settings) as (run_db, channels):
                 while True:  # a concurrent A/B run could hold a lock: try until ours are done
-                    results = run_phases(run_db, ("a", "b"), now, settings, channels)
+                    results = run_phases(run_db, ("a", "b"), clock, settings, channels)
                     if not any(r.get("locked") for r in results.values()):
                         break
             time.sleep(0.05)

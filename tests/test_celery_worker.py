@@ -31,7 +31,6 @@ from tests.factories import WINDOW_START, add_digest
 from tests.test_tasks import AFTER_WINDOW, iso
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKER_URL = "redis://127.0.0.1:6379/11"
 QUEUES = ("alerts", "alerts.send", "kill-test", "term-test")
 READY_SECONDS = 30
 _names = itertools.count(1)
@@ -82,19 +81,19 @@ def wait_until(predicate, timeout: float, describe=lambda: "") -> None:
         time.sleep(0.1)
 
 
-def celery_env(database_url: str, smtp_host: str, smtp_port: int, **extra) -> dict:
+def celery_env(broker_url: str, database_url: str, smtp_host: str, smtp_port: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
-    env.update({"DATABASE_URL": database_url, "CELERY_BROKER_URL": BROKER_URL, "ALERTS_SMTP_HOST": smtp_host,
+    env.update({"DATABASE_URL": database_url, "CELERY_BROKER_URL": broker_url, "ALERTS_SMTP_HOST": smtp_host,
                 "ALERTS_SMTP_PORT": str(smtp_port), "ALERTS_SMTP_TLS": "none", "PYTHONPATH": str(ROOT), **extra})
     return env
 
 
 def start_worker(env: dict, tmp_path: Path, queues: str = "alerts,alerts.send", pool: str = "prefork",
-                 concurrency: int = 2) -> Process:
+                 concurrency: int = 2, *extra: str) -> Process:
     name = f"test{next(_names)}-{os.getpid()}@localhost"
     worker = Process(["worker", "--loglevel=INFO", "-n", name, "-Q", queues, f"--pool={pool}",
                       f"--concurrency={concurrency}", "--without-gossip", "--without-mingle",
-                      "--without-heartbeat"], env, tmp_path / f"worker-{next(_names)}.log")
+                      "--without-heartbeat", *extra], env, tmp_path / f"worker-{next(_names)}.log")
     worker.name = name
     try:
         worker.wait_for_output(" ready.")
@@ -107,8 +106,13 @@ def start_worker(env: dict, tmp_path: Path, queues: str = "alerts,alerts.send", 
 # --- fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def broker():
-    client = redis.Redis.from_url(BROKER_URL)
+def broker_url(redis_server):
+    return redis_server.url(11)
+
+
+@pytest.fixture(scope="module")
+def broker(broker_url):
+    client = redis.Redis.from_url(broker_url)
     client.flushdb()
     yield client
     client.flushdb()
@@ -122,9 +126,9 @@ def purge(broker):
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(broker_url):
     """Publishes like a producer would: JSON, to the queue the app routes to."""
-    app = Celery("test-client", broker=BROKER_URL)
+    app = Celery("test-client", broker=broker_url)
     app.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts",
                     task_routes={"alerts.send_*": {"queue": "alerts.send"}})
     yield app
@@ -132,9 +136,9 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def worker(pg_database, smtp_server_session, broker, tmp_path_factory):
+def worker(broker_url, pg_database, smtp_server_session, broker, tmp_path_factory):
     """One worker (prefork, 2 processes) for the module, at the test SMTP server."""
-    env = celery_env(pg_database, smtp_server_session.host, smtp_server_session.port)
+    env = celery_env(broker_url, pg_database, smtp_server_session.host, smtp_server_session.port)
     process = start_worker(env, tmp_path_factory.mktemp("worker"))
     yield process
     process.stop()
@@ -183,16 +187,16 @@ class Blackhole:
 
 # --- tests --------------------------------------------------------------------------------------
 
-def test_a_worker_with_a_bad_setting_exits_2_naming_it(pg_database, tmp_path):
-    env = celery_env(pg_database, "127.0.0.1", 25, ALERTS_SMTP_TLS="sometimes")
+def test_a_worker_with_a_bad_setting_exits_2_naming_it(broker_url, pg_database, tmp_path):
+    env = celery_env(broker_url, pg_database, "127.0.0.1", 25, ALERTS_SMTP_TLS="sometimes")
     result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "worker"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "ALERTS_SMTP_TLS" in result.stderr
 
 
-def test_the_worker_registers_every_spec_task(worker, pg_database, smtp_server_session):
-    env = celery_env(pg_database, smtp_server_session.host, smtp_server_session.port)
+def test_the_worker_registers_every_spec_task(worker, broker_url, pg_database, smtp_server_session):
+    env = celery_env(broker_url, pg_database, smtp_server_session.host, smtp_server_session.port)
     result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "inspect", "registered", "--json",
                              "--timeout", "10", "--destination", worker.name],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -203,12 +207,12 @@ def test_the_worker_registers_every_spec_task(worker, pg_database, smtp_server_s
             "alerts.ingest_event"} <= set(registered)
 
 
-def test_celery_call_run_pipeline_delivers_to_the_smtp_server(worker, conn, smtp_server, pg_database):
+def test_celery_call_run_pipeline_delivers_to_the_smtp_server(worker, broker_url, conn, smtp_server, pg_database):
     instant_user, digest_user = add_user(conn), add_user(conn)
     add_pref(conn, instant_user)
     add_pref(conn, digest_user, delivery_kind="digest")
     add_event(conn, created_at=WINDOW_START + timedelta(hours=10))
-    env = celery_env(pg_database, smtp_server.host, smtp_server.port)
+    env = celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port)
 
     result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "call", "alerts.run_pipeline",
                              "--kwargs", json.dumps({"now": iso(AFTER_WINDOW)})],
@@ -232,12 +236,12 @@ def test_send_digest_called_three_times_sends_one_message(worker, client, conn, 
 
 
 @pytest.mark.slow
-def test_a_threads_pool_worker_sends_each_digest_once_whatever_the_repeats(client, conn, smtp_server,
+def test_a_threads_pool_worker_sends_each_digest_once_whatever_the_repeats(client, broker_url, conn, smtp_server,
                                                                            pg_database, tmp_path):
-    """The pool replit.md recommends for the send queue: four threads in one process, each
-    with its own database and SMTP connection, racing for the same rows."""
+    """The pool replit.md recommends for the send queue: four threads in one process
+    racing for the same rows."""
     digests = [add_digest(conn, add_user(conn), events=2) for _ in range(12)]
-    threaded = start_worker(celery_env(pg_database, smtp_server.host, smtp_server.port), tmp_path,
+    threaded = start_worker(celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port), tmp_path,
                             queues="threads-test", pool="threads", concurrency=4)
     try:
         tasks = [client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)},
@@ -252,11 +256,11 @@ def test_a_threads_pool_worker_sends_each_digest_once_whatever_the_repeats(clien
 
 
 @pytest.mark.slow
-def test_a_digest_claimed_by_a_killed_worker_is_sent_after_the_lease(worker, client, conn, smtp_server,
+def test_a_digest_claimed_by_a_killed_worker_is_sent_after_the_lease(worker, client, broker_url, conn, smtp_server,
                                                                       pg_database, tmp_path):
     digest = add_digest(conn, add_user(conn))
     hang = Blackhole()
-    doomed = start_worker(celery_env(pg_database, "127.0.0.1", hang.port), tmp_path, queues="kill-test",
+    doomed = start_worker(celery_env(broker_url, pg_database, "127.0.0.1", hang.port), tmp_path, queues="kill-test",
                           concurrency=1)
     try:
         client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)}, queue="kill-test")
@@ -278,11 +282,39 @@ def test_a_digest_claimed_by_a_killed_worker_is_sent_after_the_lease(worker, cli
 
 
 @pytest.mark.slow
+def test_a_worker_killed_right_after_a_send_leaves_no_duplicate(client, broker_url, conn, smtp_server,
+                                                                pg_database, tmp_path):
+    """The pool process dies after the send task returned but before Celery acked it: the
+    broker redelivers the task, and the outcome committed before the return makes the
+    rerun a no-op — no second message, now or after the lease (the only duplicate SPEC
+    §2.7 allows is a death between the provider's answer and that commit)."""
+    digest = add_digest(conn, add_user(conn))
+    marker = tmp_path / "died"
+    env = celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port,
+                     ALERTS_TEST_DIE_ONCE=str(marker))
+    worker = start_worker(env, tmp_path, "kill-test", "prefork", 1, "--include", "tests.worker_hooks")
+    try:
+        task = client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)},
+                                queue="kill-test")
+        wait_until(lambda: marker.exists() and f"Task alerts.send_digest[{task.id}] succeeded" in worker.output(),
+                   60, worker.output)  # the redelivered run, in a fresh pool process
+        assert "WorkerLostError" in worker.output()
+        after_lease = AFTER_WINDOW + timedelta(seconds=Settings().sending_lease_seconds + 1)
+        client.send_task("alerts.recover_stale", kwargs={"now": iso(after_lease)}, queue="kill-test")
+        client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(after_lease)}, queue="kill-test")
+        wait_until(lambda: worker.output().count("succeeded") >= 3, 30, worker.output)
+    finally:
+        worker.stop()
+    assert status_of(conn, m.user_alert_digests, digest) == ("sent", 1)
+    assert len(smtp_server.messages) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_sigterm_lets_the_send_in_flight_finish(client, conn, smtp_server, pg_database, tmp_path, pool):
+def test_sigterm_lets_the_send_in_flight_finish(client, broker_url, conn, smtp_server, pg_database, tmp_path, pool):
     digest = add_digest(conn, add_user(conn))
     smtp_server.data_delay = 1.5
-    leaving = start_worker(celery_env(pg_database, smtp_server.host, smtp_server.port), tmp_path,
+    leaving = start_worker(celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port), tmp_path,
                            queues="term-test", pool=pool, concurrency=1)
     try:
         client.send_task("alerts.send_digest", args=[digest], kwargs={"now": iso(AFTER_WINDOW)}, queue="term-test")
@@ -296,7 +328,7 @@ def test_sigterm_lets_the_send_in_flight_finish(client, conn, smtp_server, pg_da
 
 
 @pytest.mark.slow
-def test_two_beat_schedulers_at_once_send_nothing_twice(worker, conn, smtp_server, pg_database, tmp_path):
+def test_two_beat_schedulers_at_once_send_nothing_twice(worker, broker_url, conn, smtp_server, pg_database, tmp_path):
     yesterday = datetime.now(timezone.utc) - timedelta(days=2)  # its digest window has closed
     digest_users = [add_user(conn) for _ in range(3)]
     instant_users = [add_user(conn) for _ in range(2)]
@@ -307,7 +339,7 @@ def test_two_beat_schedulers_at_once_send_nothing_twice(worker, conn, smtp_serve
     for n in range(4):
         add_event(conn, created_at=yesterday + timedelta(minutes=n))
     expected = len(instant_users) * 4 + len(digest_users)
-    env = celery_env(pg_database, smtp_server.host, smtp_server.port, ALERTS_BEAT_INTAKE_SECONDS="1",
+    env = celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port, ALERTS_BEAT_INTAKE_SECONDS="1",
                      ALERTS_BEAT_DIGEST_SECONDS="1", ALERTS_BEAT_DISPATCH_SECONDS="1", ALERTS_BEAT_RECOVER_SECONDS="1")
     beats = [Process(["beat", "--loglevel=INFO", "-s", str(tmp_path / f"schedule-{n}"), "--max-interval", "1"],
                      env, tmp_path / f"beat-{n}.log") for n in range(2)]

@@ -493,8 +493,9 @@ def test_it_writes_each_message_as_an_eml_file_in_a_new_outbox(channel_settings,
 
     channel.send("alice@example.com", MESSAGE)
 
-    assert channel.last_path == tmp_path / "new" / "outbox" / "digest.42.abc@energyriskiq.com.eml"
-    msg = read_eml(channel.last_path)
+    (written,) = (tmp_path / "new" / "outbox").iterdir()
+    assert written.name == "digest.42.abc@energyriskiq.com.eml"
+    msg = read_eml(written)
     assert msg["Message-ID"] == MESSAGE.message_id
     assert msg["To"] == "alice@example.com"
     assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]

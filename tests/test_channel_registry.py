@@ -10,7 +10,8 @@ import pytest
 from alerts.channels.email import FileEmailChannel, SmtpEmailChannel
 from alerts.channels.http import retry_after_seconds
 from alerts.channels.recorder import RecordingChannel
-from alerts.channels.registry import build_channels, recipient_column, recording_channels
+from alerts.channels.registry import build_channels, recording_channels
+from alerts.models import RECIPIENT_COLUMNS
 from alerts.channels.sms import TwilioSmsChannel
 from alerts.channels.telegram import TelegramChannel
 from alerts.config import Settings
@@ -109,7 +110,7 @@ def test_real_channels_record_nothing(channel_settings):
 
 @pytest.mark.parametrize("channel, column", [("email", "email"), ("telegram", "telegram_chat_id"), ("sms", "phone")])
 def test_each_channel_reads_its_address_from_its_users_column(channel, column):
-    assert recipient_column(channel) == column
+    assert RECIPIENT_COLUMNS[channel] == column
 
 
 @pytest.mark.parametrize("value, seconds", [

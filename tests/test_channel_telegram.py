@@ -100,10 +100,11 @@ def test_it_retries_server_errors(channel, provider_api, script):
     assert error.reason.startswith(("telegram 500", "telegram 502"))
 
 
-def test_it_fails_permanently_on_a_wrong_token_without_naming_it(channel_settings, provider_api):
+def test_a_wrong_token_is_a_transient_failure_that_never_names_it(channel_settings, provider_api):
+    """A bad bot token is ours to fix, not the recipients' fault: rows wait and retry."""
     channel = TelegramChannel(replace(channel_settings, telegram_bot_token="999:WRONG-SECRET"))
     error = failure(channel)
-    assert error.permanent
+    assert not error.permanent and not error.gone
     assert error.reason == "telegram 401: Unauthorized"
     assert "WRONG-SECRET" not in everything_said(error)
 
@@ -168,7 +169,9 @@ CLASSIFY_TABLE = [
     (502, None, None, (False, None, "telegram 502: unexpected answer (HTTP 502, no JSON)")),
     (404, None, None, (True, None, "telegram 404: unexpected answer (HTTP 404, no JSON)")),
     (200, None, None, (False, None, "telegram 200: unexpected answer (HTTP 200, no JSON)")),
-    (401, api_error(401, "Unauthorized"), None, (True, None, "telegram 401: Unauthorized")),
+    (401, api_error(401, "Unauthorized"), None, (False, None, "telegram 401: Unauthorized")),
+    (403, api_error(403, "Forbidden: bot can't initiate conversation with a user"), None,
+     (True, None, "telegram 403: Forbidden: bot can't initiate conversation with a user")),
 ]
 
 
@@ -176,6 +179,36 @@ CLASSIFY_TABLE = [
 def test_it_classifies_bot_api_answers(status, body, header, expected):
     error = classify(status, body, header)
     assert (None if error is None else (error.permanent, error.retry_after, error.reason)) == expected
+
+
+@pytest.mark.parametrize("status, description", [
+    (403, "Forbidden: bot was blocked by the user"),
+    (403, "Forbidden: user is deactivated"),
+    (403, "Forbidden: bot was kicked from the group chat"),
+    (403, "Forbidden: bot was kicked from the supergroup chat"),
+    (403, "Forbidden: the group chat was deleted"),
+    (400, "Bad Request: chat not found"),
+])
+def test_it_says_the_destination_is_gone_only_for_the_allow_listed_errors(status, description):
+    error = classify(status, api_error(status, description))
+    assert error.permanent and error.gone and error.migrate_to is None
+
+
+@pytest.mark.parametrize("status, description", [
+    (400, "Bad Request: can't parse entities: Unsupported start tag \"br\" at byte offset 3"),
+    (400, "Bad Request: message is too long"),
+    (403, "Forbidden: bot can't initiate conversation with a user"),
+    (404, "Not Found"),
+])
+def test_other_client_errors_fail_the_message_but_leave_the_destination_alone(status, description):
+    error = classify(status, api_error(status, description))
+    assert error.permanent and not error.gone
+
+
+def test_a_group_that_became_a_supergroup_names_its_new_chat():
+    error = classify(400, api_error(400, "Bad Request: group chat was upgraded to a supergroup chat",
+                                    migrate_to_chat_id=-1001234567890))
+    assert error.migrate_to == "-1001234567890" and not error.gone
 
 
 # --- the fake parses HTML as Telegram does ---------------------------------------------

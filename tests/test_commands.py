@@ -13,6 +13,7 @@ from alerts.cli import cli
 from alerts.config import Settings
 from alerts.phases.digests import run_phase_d
 from tests.factories import WINDOW_END, add_delivery, add_digest, add_event, add_user
+from tests.clock import NO_CHANNELS, clock_at
 
 UTC = timezone.utc
 AFTER_WINDOW = WINDOW_END + timedelta(minutes=5)
@@ -69,7 +70,7 @@ def test_a_retried_digest_is_not_reopened_for_new_items(db_url, db, engine):
                                                   created_at=datetime(2026, 5, 12, 20, tzinfo=UTC)),
                             delivery_kind="digest")
     settings = Settings.from_env({"DATABASE_URL": db_url})
-    assert run_phase_d(db, AFTER_WINDOW, settings)["digests_created"] == 1
+    assert run_phase_d(db, clock_at(AFTER_WINDOW), settings, NO_CHANNELS)["digests_created"] == 1
     with engine.connect() as conn:
         items = conn.execute(sa.select(m.user_alert_digest_items.c.digest_id)
                              .where(m.user_alert_digest_items.c.delivery_id == late)).scalar_one()

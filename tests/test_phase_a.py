@@ -6,6 +6,7 @@ from alerts import models as m
 from alerts.phases import intake
 from alerts.phases.intake import normalise, run_phase_a, validate_event
 from tests.factories import add_event
+from tests.clock import NO_CHANNELS, clock_at
 
 GOOD = {"title": "TTF day-ahead +18%", "severity": 3, "alert_type": "price_spike",
         "url": "https://energyriskiq.com/e/1", "summary": "Cold snap"}
@@ -116,7 +117,7 @@ def test_good_events_become_ready_and_bad_ones_rejected_with_a_reason(db, engine
         for key, cols in bad.items():
             add_event(conn, event_key=key, **cols)
 
-    assert run_phase_a(db, now, settings) == {"accepted": 2, "rejected": len(bad)}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 2, "rejected": len(bad)}
 
     rows = events(engine)
     assert rows["good"].status == rows["no-url"].status == "ready"
@@ -133,7 +134,7 @@ def test_a_rejected_event_keeps_what_the_producer_sent(db, engine, now, settings
     with engine.begin() as conn:
         add_event(conn, event_key="bad", title="  Spaced  ", severity=7)
 
-    run_phase_a(db, now, settings)
+    run_phase_a(db, clock_at(now), settings, NO_CHANNELS)
 
     row = events(engine)["bad"]
     assert (row.status, row.title, row.severity) == ("rejected", "  Spaced  ", 7)
@@ -144,7 +145,7 @@ def test_an_accepted_event_is_stored_normalised(db, engine, now, settings):
         add_event(conn, event_key="e", title="  TTF +18%\n", summary="  cold snap ", alert_type=" price_spike",
                   url="   ")
 
-    run_phase_a(db, now, settings)
+    run_phase_a(db, clock_at(now), settings, NO_CHANNELS)
 
     row = events(engine)["e"]
     assert (row.status, row.title, row.summary, row.alert_type, row.url) == (
@@ -156,7 +157,7 @@ def test_hostile_text_is_accepted_verbatim_for_the_renderer_to_escape(db, engine
     with engine.begin() as conn:
         add_event(conn, event_key="e", title=title, summary="<b>bold</b>")
 
-    assert run_phase_a(db, now, settings) == {"accepted": 1, "rejected": 0}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 1, "rejected": 0}
     assert (events(engine)["e"].title, events(engine)["e"].summary) == (title, "<b>bold</b>")
 
 
@@ -165,13 +166,13 @@ def test_only_new_events_are_judged(db, engine, now, settings):
         for status in ("ready", "fanned_out", "rejected"):
             add_event(conn, event_key=status, status=status, severity=9)
 
-    assert run_phase_a(db, now, settings) == {"accepted": 0, "rejected": 0}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 0, "rejected": 0}
     assert {k: r.status for k, r in events(engine).items()} == {
         "ready": "ready", "fanned_out": "fanned_out", "rejected": "rejected"}
 
 
 def test_no_new_events_is_a_clean_no_op(db, now, settings):
-    assert run_phase_a(db, now, settings) == {"accepted": 0, "rejected": 0}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 0, "rejected": 0}
 
 
 def test_a_backlog_larger_than_one_batch_is_judged_completely(db, engine, now, settings, monkeypatch):
@@ -182,8 +183,8 @@ def test_a_backlog_larger_than_one_batch_is_judged_completely(db, engine, now, s
              "title": f"  Event {i} "} for i in range(50)
         ])
 
-    assert run_phase_a(db, now, settings) == {"accepted": 33, "rejected": 17}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 33, "rejected": 17}
     rows = events(engine)
     assert {r.status for r in rows.values()} == {"ready", "rejected"}
     assert rows["e1"].title == "Event 1"
-    assert run_phase_a(db, now, settings) == {"accepted": 0, "rejected": 0}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 0, "rejected": 0}

@@ -6,6 +6,7 @@ from alerts.config import Settings
 from alerts.db import Database, make_engine
 from alerts.phases.fanout import run_phase_b
 from tests.factories import add_delivery, add_event, add_pref, add_user, rows
+from tests.clock import NO_CHANNELS, clock_at
 
 
 def ready_event(conn, **cols) -> int:
@@ -34,7 +35,7 @@ def test_a_matching_pref_gets_one_queued_delivery_and_the_event_is_fanned_out(db
         add_pref(conn, user, alert_type="price_spike", region="NL", channel="email")
         event = ready_event(conn)
 
-    assert run_phase_b(db, now, settings) == {"events_fanned_out": 1, "deliveries_created": 1}
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 1, "deliveries_created": 1}
 
     [d] = deliveries(engine)
     assert (d["user_id"], d["alert_event_id"], d["channel"], d["delivery_kind"], d["status"]) == (
@@ -54,7 +55,7 @@ def test_wildcards_match_any_type_and_any_region(db, engine, now, settings):
         de_spike = ready_event(conn, alert_type="price_spike", region="DE")
         no_region = ready_event(conn, alert_type="price_spike", region=None)
 
-    run_phase_b(db, now, settings)
+    run_phase_b(db, clock_at(now), settings, NO_CHANNELS)
 
     got = {(d["user_id"], d["alert_event_id"]) for d in deliveries(engine)}
     assert got == {(any_type, nl_spike), (any_region, nl_spike), (any_region, de_spike), (any_region, no_region),
@@ -67,7 +68,7 @@ def test_an_event_below_the_min_severity_is_not_delivered(db, engine, now, setti
         add_pref(conn, user, min_severity=4)
         low, exact, high = (ready_event(conn, severity=s) for s in (3, 4, 5))
 
-    run_phase_b(db, now, settings)
+    run_phase_b(db, clock_at(now), settings, NO_CHANNELS)
 
     assert {d["alert_event_id"] for d in deliveries(engine)} == {exact, high}
     assert event_status(engine, low) == "fanned_out"
@@ -79,7 +80,7 @@ def test_disabled_prefs_and_inactive_users_get_nothing(db, engine, now, settings
         add_pref(conn, add_user(conn, is_active=False))
         ready_event(conn)
 
-    assert run_phase_b(db, now, settings) == {"events_fanned_out": 1, "deliveries_created": 0}
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 1, "deliveries_created": 0}
 
 
 def test_instant_wins_over_digest_on_the_same_channel(db, engine, now, settings):
@@ -90,7 +91,7 @@ def test_instant_wins_over_digest_on_the_same_channel(db, engine, now, settings)
         add_pref(conn, user, alert_type="*", region="NL", channel="email", delivery_kind="digest")
         event = ready_event(conn)
 
-    assert run_phase_b(db, now, settings)["deliveries_created"] == 1
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS)["deliveries_created"] == 1
     assert delivered(engine) == {(user, event, "email", "instant", "queued")}
 
 
@@ -102,7 +103,7 @@ def test_each_channel_gets_its_own_delivery_with_its_own_kind(db, engine, now, s
         add_pref(conn, user, channel="sms", delivery_kind="instant")
         event = ready_event(conn)
 
-    run_phase_b(db, now, settings)
+    run_phase_b(db, clock_at(now), settings, NO_CHANNELS)
 
     assert delivered(engine) == {(user, event, "email", "digest", "queued"),
                                  (user, event, "telegram", "instant", "queued"),
@@ -115,7 +116,7 @@ def test_sms_digest_is_created_skipped_as_not_supported(db, engine, now, setting
         add_pref(conn, user, channel="sms", delivery_kind="digest")
         ready_event(conn)
 
-    assert run_phase_b(db, now, settings)["deliveries_created"] == 1
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS)["deliveries_created"] == 1
 
     [d] = deliveries(engine)
     assert (d["channel"], d["delivery_kind"], d["status"], d["last_error"]) == (
@@ -129,7 +130,7 @@ def test_sms_with_an_instant_pref_is_not_skipped_even_when_a_digest_pref_matches
         add_pref(conn, user, alert_type="price_spike", channel="sms", delivery_kind="instant")
         event = ready_event(conn)
 
-    run_phase_b(db, now, settings)
+    run_phase_b(db, clock_at(now), settings, NO_CHANNELS)
 
     assert delivered(engine) == {(user, event, "sms", "instant", "queued")}
 
@@ -140,7 +141,7 @@ def test_a_user_without_an_address_still_gets_the_delivery(db, engine, now, sett
         add_pref(conn, user, channel="telegram")
         event = ready_event(conn)
 
-    run_phase_b(db, now, settings)
+    run_phase_b(db, clock_at(now), settings, NO_CHANNELS)
 
     assert delivered(engine) == {(user, event, "telegram", "instant", "queued")}
 
@@ -152,7 +153,7 @@ def test_only_ready_events_are_fanned_out(db, engine, now, settings):
         rejected = add_event(conn, status="rejected")
         done = add_event(conn, status="fanned_out")
 
-    assert run_phase_b(db, now, settings) == {"events_fanned_out": 0, "deliveries_created": 0}
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 0, "deliveries_created": 0}
     assert [event_status(engine, e) for e in (new, rejected, done)] == ["new", "rejected", "fanned_out"]
 
 
@@ -163,11 +164,11 @@ def test_running_twice_creates_nothing_new(db, engine, now, settings):
         ready_event(conn)
         ready_event(conn)
 
-    first = run_phase_b(db, now, settings)
+    first = run_phase_b(db, clock_at(now), settings, NO_CHANNELS)
     before = deliveries(engine)
 
     assert first == {"events_fanned_out": 2, "deliveries_created": 6}
-    assert run_phase_b(db, now, settings) == {"events_fanned_out": 0, "deliveries_created": 0}
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 0, "deliveries_created": 0}
     assert deliveries(engine) == before
 
 
@@ -180,7 +181,7 @@ def test_an_existing_delivery_is_left_alone_and_not_duplicated(db, engine, now, 
         event = ready_event(conn)
         add_delivery(conn, old, event, status="sent")
 
-    assert run_phase_b(db, now, settings) == {"events_fanned_out": 1, "deliveries_created": 1}
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 1, "deliveries_created": 1}
     assert delivered(engine) == {(old, event, "email", "instant", "sent"), (new, event, "email", "instant", "queued")}
 
 
@@ -188,7 +189,7 @@ def test_zero_ready_events_is_a_clean_no_op(db, engine, now, settings):
     with engine.begin() as conn:
         add_pref(conn, add_user(conn))
 
-    assert run_phase_b(db, now, settings) == {"events_fanned_out": 0, "deliveries_created": 0}
+    assert run_phase_b(db, clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 0, "deliveries_created": 0}
     assert deliveries(engine) == []
 
 
@@ -203,10 +204,10 @@ def test_an_event_locked_by_another_transaction_is_left_for_the_next_run(pg_url,
         with engine.connect() as other, other.begin():
             other.execute(sa.select(m.alert_events.c.id).where(m.alert_events.c.id == held).with_for_update())
 
-            assert run_phase_b(Database(engine), now, settings) == {"events_fanned_out": 1, "deliveries_created": 1}
+            assert run_phase_b(Database(engine), clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 1, "deliveries_created": 1}
             assert (event_status(engine, held), event_status(engine, free)) == ("ready", "fanned_out")
 
-        assert run_phase_b(Database(engine), now, settings) == {"events_fanned_out": 1, "deliveries_created": 1}
+        assert run_phase_b(Database(engine), clock_at(now), settings, NO_CHANNELS) == {"events_fanned_out": 1, "deliveries_created": 1}
         assert event_status(engine, held) == "fanned_out"
     finally:
         engine.dispose()

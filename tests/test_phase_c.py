@@ -23,6 +23,7 @@ from alerts.config import Settings
 from alerts.db import Database
 from alerts.phases.send import run_phase_c
 from alerts.pipeline import run_phases, session
+from tests.clock import clock_at
 from tests.factories import WINDOW_END, add_delivery, add_digest, add_event, add_pref, add_user
 from tests.fakes import ProviderApi
 from tests.fakes.fixtures import with_fakes
@@ -54,7 +55,7 @@ def run_c(engine, settings: Settings, now: datetime) -> dict:
 
 def run(engine, settings: Settings, now: datetime, phases: tuple[str, ...]) -> dict:
     with session(engine, settings) as (db, channels):
-        return run_phases(db, phases, now, settings, channels)
+        return run_phases(db, phases, clock_at(now), settings, channels)
 
 
 def row(engine, table: sa.Table, row_id: int) -> dict:
@@ -587,7 +588,7 @@ def _run_phase_c_directly(engine, settings, now):
     """A sender without the runner's phase lock, like a Celery send task."""
     channels = build_channels(settings)
     try:
-        run_phase_c(Database(engine), now, settings, channels)
+        run_phase_c(Database(engine), clock_at(now), settings, channels)
     finally:
         channels.close()
 

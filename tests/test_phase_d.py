@@ -14,9 +14,10 @@ from alerts import models as m
 from alerts.config import Settings
 from alerts.db import Database, make_engine
 from alerts.phases.digests import run_phase_d
-from alerts.phases.send import claim_due
+from alerts.outbox import DIGESTS
 from alerts.windows import digest_key
 from tests.factories import add_delivery, add_event, add_user, rows
+from tests.clock import NO_CHANNELS, clock_at
 
 UTC = timezone.utc
 AMS_MAY_12 = (datetime(2026, 5, 11, 22, tzinfo=UTC), datetime(2026, 5, 12, 22, tzinfo=UTC))
@@ -95,7 +96,7 @@ def test_three_events_in_one_amsterdam_day_make_one_digest_with_three_items(db, 
         deliveries = [add_digest_delivery(conn, user, at) for at in
                       (utc(2026, 5, 11, 22), utc(2026, 5, 12, 9), utc(2026, 5, 12, 21, 59, 59, 999999))]
 
-    assert run_phase_d(db, now, settings) == counts(1, 3)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(1, 3)
 
     with db.engine.connect() as conn:
         (digest,) = digests(conn)
@@ -111,11 +112,11 @@ def test_three_events_in_one_amsterdam_day_make_one_digest_with_three_items(db, 
 
 def test_running_phase_d_twice_creates_nothing_new(db, settings, now):
     seed_day(db)
-    run_phase_d(db, now, settings)
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
     with db.engine.connect() as conn:
         before = digests(conn), rows(conn, m.user_alert_digest_items, "delivery_id")
 
-    assert run_phase_d(db, now, settings) == NOTHING
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == NOTHING
 
     with db.engine.connect() as conn:
         assert (digests(conn), rows(conn, m.user_alert_digest_items, "delivery_id")) == before
@@ -128,8 +129,8 @@ def test_zero_pending_deliveries_is_a_clean_no_op(db, settings, now):
         add_digest_delivery(conn, user, utc(2026, 5, 12, 9), channel="sms", status="skipped",
                             last_error="sms_digest_not_supported")
 
-    assert run_phase_d(db, now, settings) == NOTHING
-    assert run_phase_d(db, now, settings) == NOTHING
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == NOTHING
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == NOTHING
 
     with db.engine.connect() as conn:
         assert digests(conn) == []
@@ -140,11 +141,11 @@ def test_zero_pending_deliveries_is_a_clean_no_op(db, settings, now):
 def test_a_dry_run_reports_the_digests_but_changes_nothing(engine, settings, now):
     seed_day(Database(engine))
     with Database.dry_run_of(engine) as dry:
-        assert run_phase_d(dry, now, settings) == counts(1, 3)
+        assert run_phase_d(dry, clock_at(now), settings, NO_CHANNELS) == counts(1, 3)
     with engine.connect() as conn:
         assert digests(conn) == []
         assert {d["status"] for d in rows(conn, m.user_alert_deliveries)} == {"queued"}
-    assert run_phase_d(Database(engine), now, settings) == counts(1, 3)
+    assert run_phase_d(Database(engine), clock_at(now), settings, NO_CHANNELS) == counts(1, 3)
 
 
 # --- who gets which window ---------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_each_user_channel_and_local_day_is_its_own_digest(db, settings, now):
                 add_digest_delivery(conn, user, at)
         add_digest_delivery(conn, ams, utc(2026, 5, 12, 3), channel="telegram")
 
-    assert run_phase_d(db, now, settings) == counts(4, 5)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(4, 5)
 
     with db.engine.connect() as conn:
         found = {(g["user_id"], g["channel"], g["window_start"], g["window_end"]): len(items_of(conn, g["id"]))
@@ -179,7 +180,7 @@ def test_hourly_digests_only_for_users_whose_plan_allows_them(db, settings, now)
             for at in (utc(2026, 5, 12, 9, 10), utc(2026, 5, 12, 9, 50), utc(2026, 5, 12, 10, 5)):
                 add_digest_delivery(conn, user, at)
 
-    assert run_phase_d(db, now, settings) == counts(3, 6)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(3, 6)
 
     with db.engine.connect() as conn:
         found = sorted((g["user_id"], g["period"], g["window_start"], len(items_of(conn, g["id"])))
@@ -195,7 +196,7 @@ def test_the_repeated_fall_back_hour_gives_two_hourly_digests(db, settings, now)
         add_digest_delivery(conn, user, utc(2026, 10, 25, 0, 30))  # 02:30 CEST
         add_digest_delivery(conn, user, utc(2026, 10, 25, 1, 30))  # 02:30 CET
 
-    assert run_phase_d(db, now, settings) == counts(2, 2)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(2, 2)
 
     with db.engine.connect() as conn:
         windows = [(g["window_start"], g["window_end"], g["next_retry_at"]) for g in digests(conn)]
@@ -205,7 +206,7 @@ def test_the_repeated_fall_back_hour_gives_two_hourly_digests(db, settings, now)
 
 def test_an_unknown_user_timezone_falls_back_to_the_app_timezone(db, settings, now):
     seed_day(db, timezone="Mars/Olympus_Mons")
-    assert run_phase_d(db, now, settings) == counts(1, 3)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(1, 3)
     with db.engine.connect() as conn:
         assert [(g["window_start"], g["window_end"]) for g in digests(conn)] == [AMS_MAY_12]
 
@@ -219,7 +220,7 @@ def test_event_times_stored_without_a_fraction_still_land_in_the_right_window(db
                                 .where(m.user_alert_deliveries.c.id == second)).scalar_one()
         conn.execute(sa.text("UPDATE alert_events SET created_at = :t WHERE id = :id"), {"t": text, "id": event_id})
 
-    assert run_phase_d(db, now, settings) == counts(2, 2)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(2, 2)
 
     with db.engine.connect() as conn:
         placed = {tuple(items_of(conn, g["id"])): g["window_start"] for g in digests(conn)}
@@ -230,11 +231,11 @@ def test_event_times_stored_without_a_fraction_still_land_in_the_right_window(db
 
 def test_a_late_delivery_joins_its_windows_digest_while_that_is_still_queued(db, settings, now):
     user, deliveries = seed_day(db)
-    run_phase_d(db, now, settings)
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
     with db.transaction() as conn:
         late = add_digest_delivery(conn, user, utc(2026, 5, 12, 20))
 
-    assert run_phase_d(db, now, settings) == counts(0, 1)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(0, 1)
 
     with db.engine.connect() as conn:
         (digest,) = digests(conn)
@@ -251,12 +252,12 @@ def test_a_late_delivery_joins_its_windows_digest_while_that_is_still_queued(db,
 ], ids=["sending", "sent", "failed", "skipped", "retrying", "requeued"])
 def test_a_late_delivery_after_its_digest_left_queued_goes_into_a_follow_up(db, settings, now, left_queued):
     user, deliveries = seed_day(db)
-    run_phase_d(db, now, settings)
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
     with db.transaction() as conn:
         conn.execute(sa.update(m.user_alert_digests).values(**left_queued))
         late = add_digest_delivery(conn, user, utc(2026, 5, 12, 20))
 
-    assert run_phase_d(db, now, settings) == counts(1, 1)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(1, 1)
 
     with db.engine.connect() as conn:
         first, follow_up = digests(conn)
@@ -269,16 +270,16 @@ def test_a_late_delivery_after_its_digest_left_queued_goes_into_a_follow_up(db, 
 
 def test_follow_ups_keep_counting_and_later_deliveries_join_the_open_one(db, settings, now):
     user, _ = seed_day(db, hours=(7,))
-    run_phase_d(db, now, settings)
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
     made = []
     for hour in (8, 9):
         with db.transaction() as conn:
             conn.execute(sa.update(m.user_alert_digests).values(status="sent", attempts=1))
             made.append(add_digest_delivery(conn, user, utc(2026, 5, 12, hour)))
-        assert run_phase_d(db, now, settings) == counts(1, 1)
+        assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(1, 1)
     with db.transaction() as conn:
         made.append(add_digest_delivery(conn, user, utc(2026, 5, 12, 10)))
-    assert run_phase_d(db, now, settings) == counts(0, 1)
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == counts(0, 1)
 
     with db.engine.connect() as conn:
         found = [(g["sequence"], g["digest_key"][-2:], items_of(conn, g["id"])) for g in digests(conn)]
@@ -306,7 +307,7 @@ def test_a_digest_claimed_while_phase_d_waits_for_it_gets_no_items(pg_url, now):
     engine = make_engine(pg_url)
     db = Database(engine)
     user, deliveries = seed_day(db)
-    run_phase_d(db, now, settings)
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
     with db.transaction() as conn:
         late = add_digest_delivery(conn, user, utc(2026, 5, 12, 20))
 
@@ -315,8 +316,8 @@ def test_a_digest_claimed_while_phase_d_waits_for_it_gets_no_items(pg_url, now):
     claim = sender.begin()
     digests_table = m.user_alert_digests
     after_window = AMS_MAY_12[1] + timedelta(minutes=1)
-    assert len(claim_due(sender, digests_table, [digests_table.c.next_retry_at <= after_window], after_window, 10)) == 1
-    builder = threading.Thread(target=lambda: result.update(run_phase_d(db, now, settings)))
+    assert len(DIGESTS.claim(sender, after_window, 10)) == 1
+    builder = threading.Thread(target=lambda: result.update(run_phase_d(db, clock_at(now), settings, NO_CHANNELS)))
     builder.start()
     try:
         with engine.connect() as watcher:
@@ -339,7 +340,7 @@ def test_a_sender_skips_a_digest_while_phase_d_attaches_items_to_it(pg_url, now)
     engine = make_engine(pg_url)
     db = Database(engine)
     user, deliveries = seed_day(db)
-    run_phase_d(db, now, settings)
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
     with db.transaction() as conn:
         late = add_digest_delivery(conn, user, utc(2026, 5, 12, 20))
 
@@ -352,7 +353,7 @@ def test_a_sender_skips_a_digest_while_phase_d_attaches_items_to_it(pg_url, now)
             resume.wait(timeout=30)
 
     result = {}
-    builder = threading.Thread(target=lambda: result.update(run_phase_d(db, now, settings)))
+    builder = threading.Thread(target=lambda: result.update(run_phase_d(db, clock_at(now), settings, NO_CHANNELS)))
     builder.start()
     try:
         assert locked.wait(timeout=30)
@@ -360,14 +361,14 @@ def test_a_sender_skips_a_digest_while_phase_d_attaches_items_to_it(pg_url, now)
         table = m.user_alert_digests
         after_window = AMS_MAY_12[1] + timedelta(minutes=1)
         with sender.begin() as conn:
-            assert claim_due(conn, table, [table.c.next_retry_at <= after_window], after_window, 10) == []
+            assert DIGESTS.claim(conn, after_window, 10) == []
     finally:
         resume.set()
         builder.join(timeout=30)
 
     assert result == counts(0, 1)
     with sender.begin() as conn:
-        ((digest_id, _),) = claim_due(conn, table, [table.c.next_retry_at <= after_window], after_window, 10)
+        ((digest_id, _),) = DIGESTS.claim(conn, after_window, 10)
         assert items_of(conn, digest_id) == deliveries + [late]
     sender.dispose()
     engine.dispose()
@@ -378,7 +379,7 @@ def test_a_queued_sms_digest_delivery_is_skipped_not_left_waiting(db, settings, 
     with db.transaction() as conn:
         user = add_user(conn, phone="+31600000000")
         delivery = add_digest_delivery(conn, user, utc(2026, 5, 12, 7), channel="sms")
-    assert run_phase_d(db, now, settings) == NOTHING
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS) == NOTHING
     with db.transaction() as conn:
         (row,) = [r for r in rows(conn, m.user_alert_deliveries) if r["id"] == delivery]
     assert (row["status"], row["last_error"]) == ("skipped", "sms_digest_not_supported")

@@ -10,7 +10,6 @@ import redis
 
 from alerts.ratelimit import TELEGRAM_GLOBAL, TELEGRAM_PER_CHAT, Permit, Rate, TelegramLimiter
 
-REAL_REDIS_URL = "redis://127.0.0.1:6379/12"
 
 
 class Clock:
@@ -107,13 +106,13 @@ def test_rates_become_whole_millisecond_intervals(rate, interval_ms):
     assert rate.interval_ms == interval_ms
 
 
-def test_the_budget_is_shared_by_limiters_on_one_real_redis():
+def test_the_budget_is_shared_by_limiters_on_one_real_redis(redis_server):
     """Two workers, one Redis, the Redis clock: one chat's slot is handed out once."""
-    client = redis.Redis.from_url(REAL_REDIS_URL)
+    client = redis.Redis.from_url(redis_server.url(12))
     prefix = f"test:{uuid.uuid4().hex}"
     try:
         worker_a = TelegramLimiter(client, prefix=prefix)
-        worker_b = TelegramLimiter(redis.Redis.from_url(REAL_REDIS_URL), prefix=prefix)
+        worker_b = TelegramLimiter(redis.Redis.from_url(redis_server.url(12)), prefix=prefix)
         assert worker_a.acquire("42").go
         booked = worker_b.acquire("42")
         assert 0.9 < booked.wait <= 1.0 and booked.chat_held and not booked.go

@@ -31,10 +31,11 @@ from alerts.channels.telegram import TelegramChannel
 from alerts.cli import cli
 from alerts.config import Settings
 from alerts.db import Database, make_engine
-from alerts.ingest import MAX_EVENT_BYTES, MalformedEvent, ingest_event, ingest_lines
+from alerts.producers import MAX_EVENT_BYTES, MalformedEvent, ingest_event, ingest_lines
 from alerts.messages import TextMessage
 from alerts.phases.intake import MAX_SUMMARY_CHARS, MAX_TITLE_CHARS, MAX_URL_CHARS, run_phase_a
 from alerts.pipeline import run_phases, session
+from tests.clock import NO_CHANNELS, clock_at
 from tests.factories import add_event, add_pref, add_user
 from tests.fakes import ProviderApi
 from tests.fakes.provider_api import Scripted
@@ -121,7 +122,7 @@ def subscriber(conn) -> int:
 
 def run_all(engine, settings: Settings) -> dict:
     with session(engine, settings) as (db, channels):
-        return run_phases(db, ("a", "b", "d", "c"), NOW, settings, channels)
+        return run_phases(db, ("a", "b", "d", "c"), clock_at(NOW), settings, channels)
 
 
 def last_errors(engine) -> dict[str, str | None]:
@@ -345,7 +346,7 @@ def test_sql_in_event_fields_is_stored_as_text_and_matches_nothing(db, engine, n
         add_pref(conn, nl_user, region="NL")
 
     report = ingest_lines(db, [json.dumps(hostile), json.dumps(good), json.dumps(control)])
-    results = run_phases(db, ("a", "b"), now, Settings(database_url=str(engine.url)), None)
+    results = run_phases(db, ("a", "b"), clock_at(now), Settings(database_url=str(engine.url)), NO_CHANNELS)
 
     assert (report.stored, report.errors) == (3, [])
     assert results["a"] == {"accepted": 2, "rejected": 1}
@@ -394,7 +395,7 @@ def test_only_http_and_https_urls_pass_intake(db, engine, now):
               event("none", url=None)]
     assert ingest_lines(db, lines).stored == len(lines)
 
-    counts = run_phase_a(db, now, Settings())
+    counts = run_phase_a(db, clock_at(now), Settings(), NO_CHANNELS)
 
     judged = verdicts(engine)
     assert counts == {"accepted": 3, "rejected": len(UNSAFE_URLS)}
@@ -413,7 +414,7 @@ def test_oversized_fields_are_rejected_naming_the_field_and_nothing_else_is_lost
     ]
     assert ingest_lines(db, lines).stored == 4
 
-    run_phase_a(db, now, Settings())
+    run_phase_a(db, clock_at(now), Settings(), NO_CHANNELS)
 
     judged = verdicts(engine)
     assert judged["long-title"] == ("rejected", f"title: longer than {MAX_TITLE_CHARS} characters")
@@ -512,7 +513,7 @@ def test_a_title_inserted_directly_is_normalised_by_intake_too(sqlite_url):
     with db.transaction() as conn:
         add_event(conn, event_key="direct", title="Gas\x00 leak\r\nBcc: eve@example.com", summary="a\x00b")
         add_event(conn, event_key="invisible", title="\x00\x1b\u200b\r\n")
-    run_phase_a(db, NOW, Settings())
+    run_phase_a(db, clock_at(NOW), Settings(), NO_CHANNELS)
     with engine.connect() as conn:
         rows = {r.event_key: r for r in conn.execute(sa.select(m.alert_events))}
     engine.dispose()

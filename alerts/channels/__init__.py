@@ -13,16 +13,22 @@ from alerts.messages import Message
 
 
 class DeliveryError(Exception):
-    """A send failed. ``permanent`` ⇒ do not retry; ``retry_after`` ⇒ provider's wait (s).
+    """A send failed. ``permanent`` ⇒ do not retry; ``retry_after`` ⇒ provider's wait (s);
+    ``gone`` ⇒ (permanent) the destination itself is gone — a bot blocked, a mailbox
+    that does not exist — not just this message; ``migrate_to`` ⇒ the provider moved
+    the destination to this address (a Telegram group that became a supergroup).
 
     ``reason`` is stored in ``last_error``: it must never contain a secret.
     """
 
-    def __init__(self, reason: str, *, permanent: bool = False, retry_after: float | None = None):
+    def __init__(self, reason: str, *, permanent: bool = False, retry_after: float | None = None,
+                 gone: bool = False, migrate_to: str | None = None):
         super().__init__(reason)
         self.reason = reason
-        self.permanent = permanent
+        self.permanent = permanent or gone
         self.retry_after = retry_after
+        self.gone = gone
+        self.migrate_to = migrate_to
 
 
 class Channel(ABC):

@@ -18,6 +18,7 @@ import requests
 from alerts.channels import DeliveryError
 
 MAX_DESCRIPTION_CHARS = 300  # provider error texts end up in last_error; keep them short
+HTTP_POOL_SIZE = 32  # keep-alive connections per provider: at least a worker's threads
 
 
 class HttpClient:
@@ -26,7 +27,10 @@ class HttpClient:
         self.timeout = timeout
         self._secrets = secrets
         _log_filter.add(*secrets)
-        self._session = requests.Session()
+        self._session = requests.Session()  # shared by a worker's threads; urllib3's pool is thread-safe
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=HTTP_POOL_SIZE)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
 
     def post(self, url: str, **kwargs) -> requests.Response:
         """POST and return the response, whatever its status; raise only when no answer came."""

@@ -18,15 +18,6 @@ from alerts.config import Settings
 
 log = logging.getLogger(__name__)
 
-CHANNEL_NAMES = ("email", "telegram", "sms")
-
-# The users column that holds each channel's address.
-RECIPIENT_COLUMNS = {"email": "email", "telegram": "telegram_chat_id", "sms": "phone"}
-
-
-def recipient_column(channel: str) -> str:
-    return RECIPIENT_COLUMNS[channel]
-
 
 @dataclass
 class ChannelSet:

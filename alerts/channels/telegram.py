@@ -1,12 +1,21 @@
 """Telegram Bot API ``sendMessage``; the text is already HTML for ``parse_mode=HTML``.
 
 Classification follows the Bot API error shape
-``{"ok": false, "error_code": N, "description": "...", "parameters": {"retry_after": S}}``:
-429 waits ``retry_after`` and retries, other 4xx (blocked bot, chat not found, bad
-entities, bad token) are permanent, 5xx and unreadable gateway pages are transient.
+``{"ok": false, "error_code": N, "description": "...", "parameters": {...}}``, as
+healthchecks does it — by an allow-list of descriptions, not by status code alone:
+
+- the destination is gone (``gone``, permanent): the bot was blocked, the user is
+  deactivated, the bot was kicked, the chat was deleted or not found;
+- ``parameters.migrate_to_chat_id``: the group became a supergroup (``migrate_to``);
+- 429 waits ``retry_after``; 401 (a bad bot token: our fault, not the recipient's), 5xx
+  and unreadable gateway pages are transient;
+- any other 4xx (can't parse entities, message too long, …) fails the message.
+
 The token is in the URL only; it never reaches a reason.
 """
 from __future__ import annotations
+
+import re
 
 import requests
 
@@ -14,6 +23,10 @@ from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import HttpClient, describe, redact, retry_after_seconds
 from alerts.config import Settings
 from alerts.messages import Message
+
+# Descriptions that say the chat is gone for this bot (Bot API 403s, and 400 "chat not found").
+DESTINATION_GONE = re.compile(r"bot was blocked by the user|user is deactivated|bot was kicked|"
+                              r"chat was deleted|chat not found", re.IGNORECASE)
 
 
 class TelegramChannel(Channel):
@@ -36,7 +49,7 @@ class TelegramChannel(Channel):
                          secrets=(self._token,))
         if error is not None:
             raise DeliveryError(redact(error.reason, self._token), permanent=error.permanent,
-                                retry_after=error.retry_after)
+                                retry_after=error.retry_after, gone=error.gone, migrate_to=error.migrate_to)
 
     def close(self) -> None:
         self._http.close()
@@ -55,17 +68,24 @@ def classify(status: int, body: object, retry_after_header: str | None = None, *
         return None
     code = body.get("error_code") if body is not None else None
     code = code if isinstance(code, int) and not isinstance(code, bool) else status
-    if body is not None and body.get("description"):
-        reason = f"telegram {code}: {describe(body['description'], *secrets)}"
+    description = body.get("description") if body is not None else None
+    if description:
+        reason = f"telegram {code}: {describe(description, *secrets)}"
     else:
         reason = f"telegram {code}: unexpected answer (HTTP {status}, {'no JSON' if body is None else 'no description'})"
     parameters = body.get("parameters") if body is not None else None
     parameters = parameters if isinstance(parameters, dict) else {}
-    if parameters.get("migrate_to_chat_id"):
-        reason += f" (group moved to chat {describe(parameters['migrate_to_chat_id'], *secrets)})"
+    migrate_to = parameters.get("migrate_to_chat_id")
+    if isinstance(migrate_to, (int, str)) and not isinstance(migrate_to, bool) and str(migrate_to).lstrip("-").isdigit():
+        moved = str(migrate_to)
+        return DeliveryError(f"{reason} (group moved to chat {moved})", permanent=True, migrate_to=moved)
     if code == 429:
         wait = retry_after_seconds(parameters.get("retry_after"))
         return DeliveryError(reason, retry_after=wait if wait is not None else retry_after_seconds(retry_after_header))
+    if code in (400, 403) and isinstance(description, str) and DESTINATION_GONE.search(description):
+        return DeliveryError(reason, gone=True)
+    if code == 401:  # the bot token is wrong or revoked: fix the setting, the rows wait
+        return DeliveryError(reason)
     return DeliveryError(reason, permanent=400 <= code < 500)
 
 

@@ -29,11 +29,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from alerts import models as m
+from alerts.channels.registry import ChannelSet
+from alerts.clock import Clock
 from alerts.config import Settings
 from alerts.db import Database, is_postgres
-from alerts.windows import HOURLY, format_window_start, resolve_timezone, windows_between
+from alerts.windows import format_window_start, resolve_timezone, windows_between
 
-BATCHED = "batched_into_digest"
 BUCKET_SECONDS = 3600  # windows of any zone start and end inside the UTC hours they overlap
 
 _scratch = sa.MetaData()
@@ -75,11 +76,11 @@ _groups = sa.Table(
 _SCRATCH_TABLES = (_pending, _windows, _groups)
 
 
-def run_phase_d(db: Database, now: datetime, settings: Settings) -> dict:
+def run_phase_d(db: Database, clock: Clock, settings: Settings, channels: ChannelSet) -> dict:
     """Build digests from pending digest deliveries. The caller holds the phase lock."""
     with db.transaction() as conn:
         _skip_unsupported(conn)
-        return _build(conn, now, settings)
+        return _build(conn, clock.now(), settings)
 
 
 def _skip_unsupported(conn: Connection) -> None:
@@ -89,7 +90,7 @@ def _skip_unsupported(conn: Connection) -> None:
     d = m.user_alert_deliveries
     conn.execute(sa.update(d).where(d.c.delivery_kind == "digest", d.c.status == "queued",
                                     d.c.channel.not_in(m.DIGEST_CHANNELS))
-                 .values(status="skipped", last_error="sms_digest_not_supported"))
+                 .values(status="skipped", last_error=m.SMS_DIGEST_NOT_SUPPORTED))
 
 
 def _build(conn: Connection, now: datetime, settings: Settings) -> dict:
@@ -128,7 +129,7 @@ def _collect_pending(conn: Connection, settings: Settings) -> int:
     epoch seconds: exact, and on SQLite independent of how the timestamp text looks."""
     d, u, e, i = m.user_alert_deliveries, m.users, m.alert_events, m.user_alert_digest_items
     period = sa.case(
-        (sa.and_(u.c.digest_period == HOURLY, u.c.plan.in_(sorted(settings.hourly_digest_plans))), HOURLY),
+        (sa.and_(u.c.digest_period == m.HOURLY, u.c.plan.in_(sorted(settings.hourly_digest_plans))), m.HOURLY),
         else_=sa.literal(settings.digest_period),
     )
     if is_postgres(conn):
@@ -252,7 +253,7 @@ def _attach(conn: Connection) -> tuple[int, int]:
                  grp.c.user_id == p.c.user_id, grp.c.channel == p.c.channel, grp.c.period == p.c.period,
                  grp.c.window_start == w.c.window_start)))
              .where(grp.c.digest_id.is_not(None)))
-    batch = {"status": "skipped", "last_error": BATCHED}
+    batch = {"status": "skipped", "last_error": m.BATCHED_INTO_DIGEST}
     if is_postgres(conn):
         # One statement: exactly the deliveries that got an item are marked.
         attached = (sa.insert(i).from_select(["digest_id", "delivery_id"], items)

@@ -21,11 +21,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from alerts import models as m
+from alerts.channels.registry import ChannelSet
+from alerts.clock import Clock
 from alerts.config import Settings
 from alerts.db import Database, is_postgres
 
 ANY = "*"
-SMS_DIGEST = "sms_digest_not_supported"
 COLUMNS = ["user_id", "alert_event_id", "channel", "delivery_kind", "status", "last_error", "created_at"]
 
 _scratch = sa.MetaData()
@@ -40,9 +41,10 @@ _events = sa.Table(
 )
 
 
-def run_phase_b(db: Database, now: datetime, settings: Settings) -> dict:
+def run_phase_b(db: Database, clock: Clock, settings: Settings, channels: ChannelSet) -> dict:
     """Fan out every ready event. The caller holds the phase lock."""
     counts = {"events_fanned_out": 0, "deliveries_created": 0}
+    now = clock.now()
     with db.transaction() as conn:
         if not _has_ready(conn):  # the usual case on a frequent schedule: no DDL at all
             return counts
@@ -85,7 +87,7 @@ def _matches(now: datetime) -> sa.Select:
             p.c.channel,
             sa.case((any_instant, "instant"), else_="digest"),
             sa.case((sms_digest, "skipped"), else_="queued"),
-            sa.case((sms_digest, SMS_DIGEST), else_=sa.null()),
+            sa.case((sms_digest, m.SMS_DIGEST_NOT_SUPPORTED), else_=sa.null()),
             sa.literal(now, m.UTCDateTime()),
         )
         .select_from(e.join(p, sa.and_(

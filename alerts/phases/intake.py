@@ -11,13 +11,14 @@ UPDATEs — never one round trip per row.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from alerts import models as m
+from alerts.channels.registry import ChannelSet
+from alerts.clock import Clock
 from alerts.config import Settings
 from alerts.db import Database, is_postgres
 
@@ -47,9 +48,9 @@ _verdicts = sa.Table(
 )
 
 
-def run_phase_a(db: Database, now: datetime, settings: Settings) -> dict:
-    """Judge every ``new`` event. The caller holds the phase lock. ``now`` and
-    ``settings`` are unused (intake depends on neither) but keep the phase signature."""
+def run_phase_a(db: Database, clock: Clock, settings: Settings, channels: ChannelSet) -> dict:
+    """Judge every ``new`` event. The caller holds the phase lock. Intake depends on
+    neither the time, the settings nor the channels; they keep the phase signature."""
     counts = {"accepted": 0, "rejected": 0}
     with db.transaction() as conn:
         if not _has_new(conn):

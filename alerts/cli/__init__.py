@@ -1,4 +1,8 @@
-"""The ``alerts`` console script: migrate, run, ingest, status, preview, retry, demo."""
+"""The ``alerts`` console script: migrate, run, ingest, status, preview, retry, demo.
+
+Each command is a thin shell: it reads the settings, opens the engine, makes the clock
+and calls the module that does the work. ``common`` holds what they share.
+"""
 from __future__ import annotations
 
 import json
@@ -7,16 +11,16 @@ import sys
 import click
 import sqlalchemy as sa
 
-from alerts import runner
+from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
+from alerts.cli.run import run
 from alerts.db import Database, migrate as migrate_db
-from alerts.runner import Fatal, load_settings, open_engine, parse_now
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def cli(verbose: bool) -> None:
     """EnergyRiskIQ Alerts: energy-risk events to instant and digest messages."""
-    runner.setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @cli.command()
@@ -27,13 +31,7 @@ def migrate() -> None:
     click.echo(f"database at revision {revision}")
 
 
-@cli.command("run")
-@runner.run_options
-def run(phase, now_text, dry_run, as_json, verbose) -> None:
-    """Run pipeline phases once (same as python -m alerts.runner)."""
-    if verbose:
-        runner.setup_logging(True)
-    runner.execute(phase.lower(), now_text, dry_run, as_json)
+cli.add_command(run)
 
 
 @cli.command()
@@ -45,7 +43,7 @@ def ingest(source, as_json: bool) -> None:
     A malformed line is reported with its line number and skipped; the others are
     stored. A repeated event_key is a no-op.
     """
-    from alerts.ingest import ingest_lines
+    from alerts.producers import ingest_lines
 
     settings = load_settings()
     engine = open_engine(settings)
@@ -64,7 +62,7 @@ def ingest(source, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--now", "now_text", metavar="ISO-8601", help="Measure ages as if at this instant.")
+@clock_option("Measure ages as if at this instant.")
 def status(as_json: bool, now_text: str | None) -> None:
     """Counts by table and status, age of the oldest pending row, the latest errors."""
     from alerts.status import collect, render
@@ -72,7 +70,7 @@ def status(as_json: bool, now_text: str | None) -> None:
     settings = load_settings()
     engine = open_engine(settings)
     try:
-        report = collect(engine, parse_now(now_text))
+        report = collect(engine, instant(now_text))
     finally:
         engine.dispose()
     click.echo(json.dumps(report, default=str, indent=2) if as_json else render(report))
@@ -82,7 +80,7 @@ def status(as_json: bool, now_text: str | None) -> None:
 @click.option("--deliveries/--no-deliveries", default=True, help="Re-queue failed instant deliveries.")
 @click.option("--digests/--no-digests", default=True, help="Re-queue failed digests.")
 @click.option("--id", "row_ids", type=int, multiple=True, help="Only these row ids (repeatable).")
-@click.option("--now", "now_text", metavar="ISO-8601", help="Due from this instant (default: now).")
+@clock_option("Due from this instant (default: now).")
 def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: str | None) -> None:
     """Re-queue failed rows with a fresh set of attempts, due at once.
 
@@ -92,7 +90,7 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
     from alerts import models as m
 
     settings = load_settings()
-    now = parse_now(now_text)
+    now = instant(now_text)
     engine = open_engine(settings)
     tables = ([m.user_alert_deliveries] if deliveries else []) + ([m.user_alert_digests] if digests else [])
     try:

@@ -5,10 +5,11 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from alerts import ingest as ingest_module
+from alerts import producers as ingest_module
 from alerts import models as m
-from alerts.ingest import MalformedEvent, ingest_event, ingest_lines, parse_line
+from alerts.producers import MalformedEvent, ingest_event, ingest_lines, parse_line
 from alerts.phases.intake import run_phase_a
+from tests.clock import NO_CHANNELS, clock_at
 
 EVENT = {"event_key": "gas-nl-1", "alert_type": "price_spike", "region": "NL", "severity": 4,
          "title": "TTF day-ahead +18%"}
@@ -123,7 +124,7 @@ def test_values_phase_a_judges_are_stored_and_then_rejected_not_lost(db, engine,
     ])
     assert (report.stored, report.errors) == (4, [])
 
-    assert run_phase_a(db, now, settings) == {"accepted": 0, "rejected": 4}
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 0, "rejected": 4}
     reasons = {k: r.reject_reason.split(":")[0] for k, r in stored(engine).items()}
     assert reasons == {"sev": "severity", "title": "title", "url": "url", "type": "alert_type"}
 

@@ -1,0 +1,65 @@
+"""What every command shares: exit codes, one-line fatal errors, settings, the engine,
+logging and ``--now``."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from alerts.clock import Clock, parse_instant
+from alerts.config import ConfigError, Settings
+from alerts.db import NotMigrated, check_migrated, make_engine
+
+EXIT_USAGE = 2
+EXIT_UNEXPECTED = 3
+
+
+class Fatal(click.ClickException):
+    """A one-line error with its exit code (2 = usage/config, 3 = unexpected)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def clock_option(help_text: str):
+    return click.option("--now", "now_text", metavar="ISO-8601", help=help_text)
+
+
+def make_clock(now_text: str | None) -> Clock:
+    """The command's clock: from ``--now`` when given, else the wall clock."""
+    if not now_text:
+        return Clock()
+    try:
+        return Clock(parse_instant(now_text))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--now") from None
+
+
+def instant(now_text: str | None):
+    """One instant for a command that needs no running clock (status, retry)."""
+    return make_clock(now_text).start
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise Fatal(f"configuration error: {exc}") from None
+
+
+def open_engine(settings: Settings):
+    """An engine on a database that is at the current schema, else exit 2."""
+    engine = make_engine(settings.database_url)
+    try:
+        check_migrated(engine)
+    except NotMigrated as exc:
+        engine.dispose()
+        raise Fatal(str(exc)) from None
+    return engine
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
