@@ -27,6 +27,13 @@ USER_INACTIVE = "user is inactive"
 DIGEST_WITHOUT_ITEMS = "digest has no items"
 
 
+DESTINATION_DISABLED = "destination_disabled"  # §11.3: the block's reason follows
+
+
+def destination_disabled(reason: str) -> str:
+    return f"{DESTINATION_DISABLED}: {reason}"
+
+
 def no_address(channel: str) -> str:
     return f"recipient has no {RECIPIENT_COLUMNS[channel]}"
 

@@ -6,7 +6,8 @@ touch a row's send state through these and nothing else:
     claim(conn, now, limit)     queued → sending, counting the attempt, stamped claimed_at;
                                 FOR UPDATE SKIP LOCKED, so only one process wins a row
     load(conn, claimed, …)      what the sends need: the recipient and the rendered message,
-                                or the reason the row is skipped without a send
+                                or the reason the row is skipped without a send (among them
+                                a block on the destination, joined in: alerts/blocks.py)
     record(conn, job, outcome)  the outcome, fenced on the claim (status 'sending' and the
                                 attempt it counted): a sender whose lease ran out cannot
                                 overwrite the claim of the sender that took over
@@ -33,6 +34,7 @@ from typing import Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from alerts import blocks
 from alerts import models as m
 from alerts import retry
 from alerts.channels.registry import ChannelSet
@@ -52,6 +54,7 @@ class Job:
     id: int
     attempts: int
     channel: str
+    user_id: int
     recipient: str | None = None
     message: Message | None = None
     skip_reason: str | None = None
@@ -144,13 +147,14 @@ class Outbox:
         if row is None:
             return False, None
         chat = (row.telegram_chat_id or "").strip()
-        return True, (chat if row.channel == "telegram" and row.is_active and chat else None)
+        sendable = row.channel == "telegram" and row.is_active and chat and row.block_reason is None
+        return True, (chat if sendable else None)
 
     @functools.cache
     def _telegram_chat(self) -> sa.Select:
         t, u = self.table, m.users
-        return (sa.select(t.c.channel, u.c.telegram_chat_id, u.c.is_active)
-                .select_from(t.join(u, u.c.id == t.c.user_id))
+        return (sa.select(t.c.channel, u.c.telegram_chat_id, u.c.is_active, BLOCK_REASON)
+                .select_from(t.join(u, u.c.id == t.c.user_id).outerjoin(m.user_channel_blocks, blocks.in_force(t)))
                 .where(t.c.id == _param("row_id"), t.c.status == m.QUEUED, *self.due(NOW)))
 
 
@@ -166,7 +170,7 @@ class InstantOutbox(Outbox):
         rows = conn.execute(self._load(), {"ids": list(attempts)}).mappings()
         jobs = []
         for row in rows:
-            job = _addressed(Job(row["delivery_id"], attempts[row["delivery_id"]], row["channel"]), row)
+            job = _addressed(Job(row["delivery_id"], attempts[row["delivery_id"]], row["channel"], row["user_id"]), row)
             if job.skip_reason is None and channels.get(job.channel) is not None:
                 job.message = render_instant(job.channel, row, delivery_id=job.id, settings=settings)
             jobs.append(job)
@@ -175,9 +179,10 @@ class InstantOutbox(Outbox):
     @functools.cache
     def _load(self) -> sa.Select:
         d, u, e = self.table, m.users, m.alert_events
-        return (sa.select(d.c.id.label("delivery_id"), d.c.channel, *_user_columns(),
+        return (sa.select(d.c.id.label("delivery_id"), d.c.channel, d.c.user_id, *_user_columns(), BLOCK_REASON,
                           *(e.c[key] for key in EVENT_KEYS))
-                .select_from(d.join(u, u.c.id == d.c.user_id).join(e, e.c.id == d.c.alert_event_id))
+                .select_from(d.join(u, u.c.id == d.c.user_id).outerjoin(m.user_channel_blocks, blocks.in_force(d))
+                             .join(e, e.c.id == d.c.alert_event_id))
                 .where(d.c.id.in_(sa.bindparam("ids", expanding=True))).order_by(d.c.id))
 
 
@@ -197,7 +202,7 @@ class DigestOutbox(Outbox):
                 items.append({key: row[key] for key in EVENT_KEYS})
         jobs = []
         for digest_id, (digest, items) in digests.items():
-            job = _addressed(Job(digest_id, attempts[digest_id], digest["channel"]), digest)
+            job = _addressed(Job(digest_id, attempts[digest_id], digest["channel"], digest["user_id"]), digest)
             if job.skip_reason is None and not items:
                 job.skip_reason = m.DIGEST_WITHOUT_ITEMS
             if job.skip_reason is None and channels.get(job.channel) is not None:
@@ -209,11 +214,12 @@ class DigestOutbox(Outbox):
     def _load(self) -> sa.Select:
         """One row per item; a digest without items is one row with its event columns null."""
         g, i, d, u, e = (self.table, m.user_alert_digest_items, m.user_alert_deliveries, m.users, m.alert_events)
-        return (sa.select(g.c.id.label("digest_id"), g.c.digest_key, g.c.channel, g.c.period, g.c.window_start,
-                          g.c.window_end, *_user_columns(),
+        return (sa.select(g.c.id.label("digest_id"), g.c.digest_key, g.c.channel, g.c.user_id, g.c.period,
+                          g.c.window_start, g.c.window_end, *_user_columns(), BLOCK_REASON,
                           sa.func.coalesce(u.c.timezone, _param("timezone", sa.Text)).label("timezone"),
                           *(e.c[key] for key in EVENT_KEYS))
-                .select_from(g.join(u, u.c.id == g.c.user_id).outerjoin(i, i.c.digest_id == g.c.id)
+                .select_from(g.join(u, u.c.id == g.c.user_id).outerjoin(m.user_channel_blocks, blocks.in_force(g))
+                             .outerjoin(i, i.c.digest_id == g.c.id)
                              .outerjoin(d, d.c.id == i.c.delivery_id).outerjoin(e, e.c.id == d.c.alert_event_id))
                 .where(g.c.id.in_(sa.bindparam("ids", expanding=True))).order_by(g.c.id))
 
@@ -243,6 +249,9 @@ def recover(conn: Connection, now: datetime, settings: Settings) -> dict[str, in
     return counts
 
 
+BLOCK_REASON = m.user_channel_blocks.c.reason.label("block_reason")  # null unless a block is in force
+
+
 def _user_columns() -> list[sa.Column]:
     u = m.users
     return [u.c.is_active, u.c.email, u.c.telegram_chat_id, u.c.phone]
@@ -257,4 +266,6 @@ def _addressed(job: Job, user_row: Mapping) -> Job:
     job.recipient = address or None
     if not address:
         job.skip_reason = m.no_address(job.channel)
+    elif user_row["block_reason"] is not None:
+        job.skip_reason = m.destination_disabled(user_row["block_reason"])
     return job

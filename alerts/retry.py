@@ -26,6 +26,7 @@ class Outcome:
     last_error: str | None = None
     next_retry_at: datetime | None = None
     sent_at: datetime | None = None
+    gone: bool = False  # failed because the destination itself is gone: block it (§11.3)
 
 
 def sent(now: datetime) -> Outcome:
@@ -40,7 +41,7 @@ def after_failure(error: DeliveryError, attempts: int, now: datetime, settings: 
                   rng: random.Random | None = None) -> Outcome:
     """Permanent errors fail at once; transient ones retry until max_attempts is used."""
     if error.permanent:
-        return Outcome("failed", last_error=error.reason)
+        return Outcome("failed", last_error=error.reason, gone=error.gone)
     if attempts >= settings.max_attempts:
         return Outcome("failed", last_error=f"{error.reason} (gave up after {attempts} attempts)")
     wait = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds, rng)

@@ -6,6 +6,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from alerts import blocks
 from alerts import models as m
 
 RECENT_ERRORS = 10
@@ -42,6 +43,7 @@ def collect(engine: Engine, now: datetime) -> dict:
             .where(m.alert_events.c.status == "rejected").order_by(m.alert_events.c.id.desc()).limit(RECENT_ERRORS)
         ).mappings()
         report["recently_rejected_events"] = [dict(row) for row in rejected]
+        report["blocked_destinations"] = blocks.counts(conn)  # §11.6: in force, by channel and reason
     return report
 
 
@@ -59,6 +61,10 @@ def render(report: dict) -> str:
         lines.append("recently rejected events:")
         lines += [f"  #{e['id']} {_shown(e['event_key'])}: {_shown(e['reject_reason'])}"
                   for e in report["recently_rejected_events"]]
+    if report.get("blocked_destinations"):
+        lines.append("blocked destinations (alerts destinations):")
+        lines += [f"  {channel}: {n} {_shown(reason)}" for channel, reasons in report["blocked_destinations"].items()
+                  for reason, n in reasons.items()]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import click
 import sqlalchemy as sa
 
 from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
+from alerts.cli.destinations import destinations
 from alerts.cli.run import run
 from alerts.db import Database, migrate as migrate_db
 
@@ -32,6 +33,7 @@ def migrate() -> None:
 
 
 cli.add_command(run)
+cli.add_command(destinations)
 
 
 @cli.command()
@@ -86,7 +88,9 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
 
     ``last_error`` is kept: it tells what went wrong, and on a digest it marks the digest
     as no longer open, so Phase D puts newer events in a follow-up digest instead.
+    The blocks of the destinations re-queued are lifted: retrying means trying them again.
     """
+    from alerts import blocks
     from alerts import models as m
 
     settings = load_settings()
@@ -101,11 +105,12 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
                     where.append(table.c.delivery_kind == "instant")
                 if row_ids:
                     where.append(table.c.id.in_(row_ids))
+                lifted = blocks.lift_for_rows(conn, table, where)
                 count = conn.execute(
                     sa.update(table).where(*where)
                     .values(status="queued", attempts=0, next_retry_at=now, claimed_at=None, enqueued_at=None)
                 ).rowcount
-                click.echo(f"{table.name}: re-queued {count}")
+                click.echo(f"{table.name}: re-queued {count}" + (f", lifted {lifted} block(s)" if lifted else ""))
     finally:
         engine.dispose()
 

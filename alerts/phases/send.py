@@ -14,6 +14,13 @@ One path, used by the runner's Phase C (a batch at a time) and by the Celery sen
    connection is ridden out (``db.retrying``): an outcome lost after a send would leave
    the row in ``sending``, to be sent again after the lease.
 
+Destination health (SPEC §11.3-11.4): a row whose destination is blocked is skipped by
+the load, without a send. A provider answer that the destination is gone records the
+block in the transaction of the row's ``failed`` outcome (``blocks.record``, which also
+skips the user's other queued rows on the channel), and the rest of the batch for that
+destination is skipped too. A Telegram group that became a supergroup gets its new chat
+id stored and the message sent there at once, within the same attempt.
+
 The clock is the run's (``alerts.clock``): claims, ``sent_at``, backoff and the
 half-lease budget are read from it at the moment they happen.
 """
@@ -24,6 +31,9 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+import sqlalchemy as sa
+
+from alerts import blocks
 from alerts import models as m
 from alerts import outbox as ob
 from alerts import retry
@@ -87,15 +97,25 @@ def send_claimed(db: Database, outbox: Outbox, clock: Clock, settings: Settings,
     """
     jobs = _claim_and_load(db, outbox, clock, settings, channels, limit, row_id)
     give_back_at = clock.now() + timedelta(seconds=settings.sending_lease_seconds / 2)
+    gone: dict[tuple[int, str, str | None], str] = {}  # destinations blocked during this batch
     outcomes = []
     for n, job in enumerate(jobs):
         if n and clock.now() > give_back_at:
             _release(db, outbox, [j.claim for j in jobs[n:]])
             break
-        outcome = attempt(job, clock, settings, channels, rng)
-        retrying(lambda: _record(db, outbox, job, outcome), f"recording {outbox.name} {job.id}")
+        if (reason := gone.get(_destination(job))) is not None and not job.skip_reason:
+            job.skip_reason = m.destination_disabled(reason)  # loaded before its block
+        outcome = attempt(job, clock, settings, channels, rng,
+                          on_migrate=lambda old, new: _migrate_chat(db, jobs[n:], old, new))
+        retrying(lambda: _record(db, outbox, job, outcome, clock), f"recording {outbox.name} {job.id}")
+        if outcome.gone:
+            gone[_destination(job)] = outcome.last_error
         outcomes.append(outcome)
     return outcomes
+
+
+def _destination(job: Job) -> tuple[int, str, str | None]:
+    return job.user_id, job.channel, job.recipient
 
 
 def _claim_and_load(db: Database, outbox: Outbox, clock: Clock, settings: Settings, channels: ChannelSet,
@@ -107,9 +127,30 @@ def _claim_and_load(db: Database, outbox: Outbox, clock: Clock, settings: Settin
         return outbox.load(conn, claimed, settings, channels) if claimed else []
 
 
-def _record(db: Database, outbox: Outbox, job: Job, outcome: retry.Outcome) -> None:
+def _record(db: Database, outbox: Outbox, job: Job, outcome: retry.Outcome, clock: Clock) -> None:
     with db.transaction() as conn:
-        outbox.record(conn, job, outcome)
+        if outbox.record(conn, job, outcome) and outcome.gone:
+            skipped = blocks.record(conn, job.user_id, job.channel, job.recipient, outcome.last_error, clock.now())
+            log.warning("user %s %s blocked (%s); %d queued row(s) skipped", job.user_id, job.channel,
+                        outcome.last_error, skipped)
+
+
+def _migrate_chat(db: Database, jobs: list[Job], old: str, new: str) -> None:
+    """A group became a supergroup: store its new chat id (where the user still has the old
+    one), and send this batch's other messages for the chat there too."""
+    user_id = jobs[0].user_id
+    u = m.users
+
+    def store() -> None:
+        with db.transaction() as conn:
+            conn.execute(sa.update(u).where(u.c.id == user_id, sa.func.trim(u.c.telegram_chat_id) == old)
+                         .values(telegram_chat_id=new))
+
+    retrying(store, f"storing the new chat id of user {user_id}")
+    log.warning("user %s: telegram chat %s moved to %s", user_id, old, new)
+    for job in jobs:
+        if (job.user_id, job.channel, job.recipient) == (user_id, "telegram", old):
+            job.recipient = new
 
 
 def _release(db: Database, outbox: Outbox, claimed: list[ob.Claim]) -> None:
@@ -118,8 +159,10 @@ def _release(db: Database, outbox: Outbox, claimed: list[ob.Claim]) -> None:
 
 
 def attempt(job: Job, clock: Clock, settings: Settings, channels: ChannelSet,
-            rng: random.Random | None = None) -> retry.Outcome:
-    """Send one job; what became of it."""
+            rng: random.Random | None = None, on_migrate=None) -> retry.Outcome:
+    """Send one job; what became of it. A Telegram chat that moved (``migrate_to``) is
+    handed to ``on_migrate(old, new)`` — which points ``job`` at the new chat — and sent
+    again at once, within the same attempt; a second move in one attempt fails it."""
     if job.skip_reason:
         return retry.skipped(job.skip_reason)
     channel = channels.get(job.channel)
@@ -128,6 +171,12 @@ def attempt(job: Job, clock: Clock, settings: Settings, channels: ChannelSet,
     try:
         channel.send(job.recipient, job.message)
     except DeliveryError as exc:
+        if exc.migrate_to is not None and on_migrate is not None:
+            old = job.recipient
+            on_migrate(old, exc.migrate_to)
+            job.recipient = exc.migrate_to
+            log.info("%s send %s: chat %s moved to %s; sending there", job.channel, job.id, old, exc.migrate_to)
+            return attempt(job, clock, settings, channels, rng)
         outcome = retry.after_failure(exc, job.attempts, clock.now(), settings, rng)
         log.info("%s send %s failed (%s): %s", job.channel, job.id, outcome.status, exc.reason)
         return outcome

@@ -5,6 +5,7 @@ Twilio's Messages resource, records what they accepted, and can be told to fail.
     settings: ALERTS_TELEGRAM_API_BASE=api.base_url, ALERTS_TWILIO_API_BASE=api.twilio_api_base
     api.telegram_error(*BLOCKED, chat_id="42")          # 403 for that chat, until reset
     api.telegram_error(429, "Too Many Requests: retry after 7", retry_after=7, times=1)
+    api.telegram_error(*UPGRADED, chat_id="-42", parameters={"migrate_to_chat_id": -1001})
     api.telegram_raw(502, "<html>Bad Gateway</html>")    # a proxy page, not JSON
     api.twilio_error(400, 21211, INVALID_TO, to="+100")
     api.delay(2.0, service="telegram", times=1)          # longer than the client timeout
@@ -33,7 +34,12 @@ TELEGRAM_MAX_LENGTH = 4096
 TWILIO_MAX_BODY = 1600
 
 BLOCKED = (403, "Forbidden: bot was blocked by the user")
+DEACTIVATED = (403, "Forbidden: user is deactivated")
+KICKED = (403, "Forbidden: bot was kicked from the group chat")
 CHAT_NOT_FOUND = (400, "Bad Request: chat not found")
+UPGRADED = (400, "Bad Request: group chat was upgraded to a supergroup chat")  # with migrate_to_chat_id
+UNAUTHORIZED = (401, "Unauthorized")
+BAD_ENTITIES = (400, "Bad Request: can't parse entities: Unsupported start tag \"x\" at byte offset 0")
 INVALID_TO = "The 'To' number is not a valid phone number."
 
 
@@ -161,6 +167,7 @@ class ProviderApi:
         self.telegram_messages: list[TelegramMessage] = []
         self.sms_messages: list[SmsMessage] = []
         self.requests: list[tuple[str, int]] = []  # (service, status answered), every request
+        self.telegram_requests: list[tuple[str, float]] = []  # (chat_id, time.time() on arrival), every request
         self._message_ids = itertools.count(1)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
@@ -206,11 +213,13 @@ class ProviderApi:
     # --- scripting ---------------------------------------------------------------------
 
     def telegram_error(self, error_code: int, description: str, *, chat_id: str | int | None = None,
-                       times: int | None = None, retry_after: int | None = None) -> None:
+                       times: int | None = None, retry_after: int | None = None,
+                       parameters: dict | None = None) -> None:
         """Answer sendMessage with a Bot API error (for one chat, or all)."""
         body: dict = {"ok": False, "error_code": error_code, "description": description}
-        if retry_after is not None:
-            body["parameters"] = {"retry_after": retry_after}
+        if retry_after is not None or parameters:
+            body["parameters"] = {**({"retry_after": retry_after} if retry_after is not None else {}),
+                                  **(parameters or {})}
         self._add(Scripted("telegram", error_code, json.dumps(body).encode(),
                            match=None if chat_id is None else str(chat_id), times=times))
 
@@ -243,6 +252,7 @@ class ProviderApi:
             self.telegram_messages.clear()
             self.sms_messages.clear()
             self.requests.clear()
+            self.telegram_requests.clear()
 
     def _add(self, script: Scripted) -> None:
         with self._lock:
@@ -347,6 +357,8 @@ class _Handler(BaseHTTPRequestHandler):
         key = str(params.get("chat_id") if service == "telegram" else params.get("To"))
         with api._lock:
             generation, wake = api._generation, api._wake
+            if service == "telegram":
+                api.telegram_requests.append((key, time.time()))
         script = api._scripted(service, key)
         if script is not None and script.delay:
             wake.wait(script.delay)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import email
 import threading
+import time
 from dataclasses import dataclass, field
 from email import policy
 from functools import cached_property
@@ -24,6 +25,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Session
 
 TRY_LATER = "451 4.3.0 try later"
 MAILBOX_UNAVAILABLE = "550 5.1.1 mailbox unavailable"
+USER_NOT_LOCAL = "551 5.1.6 user not local; please try <gone@example.net>"
+MAILBOX_NAME_NOT_ALLOWED = "553 5.1.3 mailbox name not allowed"
+MESSAGE_REJECTED = "554 5.7.1 message content rejected"  # at DATA: this message, not the mailbox
 
 
 @dataclass
@@ -83,6 +87,7 @@ class _Handler:
 
     async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
         with self.server._lock:
+            self.server.rcpt_log.append((address, time.time()))
             reply = self.server._script.recipients.get(address.lower())
         if reply:
             return reply
@@ -170,6 +175,7 @@ class FakeSmtpServer:
         self._received: list[ReceivedMail] = []
         self._script = _Script()
         self._connections = 0
+        self.rcpt_log: list[tuple[str, float]] = []  # (address, time.time()) of every RCPT TO
         self._sessions: set[_TrackingSMTP] = set()
         self.users = dict(users or {})
         kwargs = {"server_hostname": "fake-smtp.test", "ready_timeout": 10.0}
@@ -264,6 +270,7 @@ class FakeSmtpServer:
         self.drop_connections()
         with self._lock:
             self._received.clear()
+            self.rcpt_log.clear()
             self._script = _Script()
             self._connections = 0
 

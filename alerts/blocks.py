@@ -1,0 +1,95 @@
+"""Destination health (SPEC §11.3-11.6): ``user_channel_blocks``, one row per (user, channel)
+whose destination a provider said is gone.
+
+    record(conn, …)        a gone answer: upsert the block and skip the user's other queued
+                           rows on that channel — in the transaction of the failed row's outcome
+    in_force(table)        the join condition Phase C's load uses: a block holds while its
+                           address is the user's current address for the channel
+    listed / lift / lift_for_rows / counts   for ``alerts destinations``, ``retry``, ``status``
+
+A block is never removed by the send path: when the user's address changes, the block
+stops matching (the new address is tried) and stays as the record of what failed. A
+later gone answer for the new address overwrites it (unique (user_id, channel)).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from alerts import models as m
+
+b = m.user_channel_blocks
+
+
+def current_address(channel: sa.ColumnElement) -> sa.ColumnElement:
+    """The user's address for ``channel`` (a column or a literal), as a send uses it (trimmed).
+    Needs ``users`` in the FROM clause."""
+    u = m.users
+    return sa.func.trim(sa.case(*((channel == name, u.c[column]) for name, column in m.RECIPIENT_COLUMNS.items())))
+
+
+def in_force(table: sa.Table) -> sa.ColumnElement:
+    """ON clause joining ``table``'s rows (with ``users``) to the block that stops them."""
+    return sa.and_(b.c.user_id == table.c.user_id, b.c.channel == table.c.channel,
+                   b.c.address == current_address(table.c.channel))
+
+
+def record(conn: Connection, user_id: int, channel: str, address: str, reason: str, now: datetime) -> int:
+    """Block (user, channel) at ``address`` for ``reason``, and make the user's other queued
+    instant deliveries and digests on that channel ``skipped`` — unless the user's address
+    has changed since it failed. Returns how many rows were skipped."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(b)
+    values = {"user_id": user_id, "channel": channel, "address": address, "reason": reason, "created_at": now}
+    conn.execute(insert.values(**values).on_conflict_do_update(
+        index_elements=[b.c.user_id, b.c.channel],
+        # The same address failing again (another sender's message in flight) keeps its "since".
+        set_={"address": address, "reason": reason,
+              "created_at": sa.case((b.c.address == address, b.c.created_at), else_=insert.excluded.created_at)}))
+    still_there = (sa.select(m.users.c.id)
+                   .where(m.users.c.id == user_id, current_address(sa.literal(channel)) == address).exists())
+    skipped = 0
+    for table in (m.user_alert_deliveries, m.user_alert_digests):
+        where = [table.c.user_id == user_id, table.c.channel == channel, table.c.status == m.QUEUED, still_there]
+        if table is m.user_alert_deliveries:
+            where.append(table.c.delivery_kind == m.INSTANT)
+        skipped += conn.execute(sa.update(table).where(*where).values(
+            status=m.SKIPPED, last_error=m.destination_disabled(reason), next_retry_at=None)).rowcount
+    return skipped
+
+
+def listed(conn: Connection) -> list[dict]:
+    """Every block, oldest first, with whether it still holds (the address is unchanged)."""
+    u = m.users
+    holds = b.c.address == current_address(b.c.channel)
+    rows = conn.execute(sa.select(b.c.user_id, b.c.channel, b.c.address, b.c.reason, b.c.created_at.label("since"),
+                                  sa.case((holds, sa.true()), else_=sa.false()).label("in_force"))
+                        .select_from(b.join(u, u.c.id == b.c.user_id))
+                        .order_by(b.c.created_at, b.c.user_id, b.c.channel)).mappings()
+    return [{**row, "in_force": bool(row["in_force"])} for row in rows]
+
+
+def lift(conn: Connection, user_id: int, channel: str) -> bool:
+    """Remove one block; False when there was none."""
+    return conn.execute(sa.delete(b).where(b.c.user_id == user_id, b.c.channel == channel)).rowcount == 1
+
+
+def lift_for_rows(conn: Connection, table: sa.Table, where: list[sa.ColumnElement]) -> int:
+    """Remove the blocks of the destinations of ``table``'s rows matching ``where``."""
+    rows = sa.select(table.c.user_id, table.c.channel).where(*where)
+    return conn.execute(sa.delete(b).where(sa.tuple_(b.c.user_id, b.c.channel).in_(rows))).rowcount
+
+
+def counts(conn: Connection) -> dict[str, dict[str, int]]:
+    """Blocks in force, by channel and reason."""
+    u = m.users
+    rows = conn.execute(sa.select(b.c.channel, b.c.reason, sa.func.count())
+                        .select_from(b.join(u, u.c.id == b.c.user_id))
+                        .where(b.c.address == current_address(b.c.channel))
+                        .group_by(b.c.channel, b.c.reason).order_by(b.c.channel, b.c.reason)).all()
+    out: dict[str, dict[str, int]] = {}
+    for channel, reason, n in rows:
+        out.setdefault(channel, {})[reason] = n
+    return out
