@@ -24,8 +24,10 @@ second beat, send tasks published twice, SMTP 451 bursts / 550 recipients / slow
 Telegram 429 with retry_after / 403 blocked chats / 5xx, and ``python -m alerts.runner
 --phase all`` next to the workers. Then faults stop, producers re-send any event that
 never reached the database (event_key makes that safe), and the system drains (bounded
-by ``--drain-timeout``). bench/soak_check.py checks the invariants; one summary line is
-printed; the exit status is 1 on any violation, 2 when the stack could not start.
+by ``--drain-timeout``). bench/soak_check.py checks the invariants — among them, for the
+blocked chats and hard-bounced mailboxes, that each block is for a destination the fakes
+really refuse and that no request reaches a blocked address once its block is committed
+(bar a send already in flight) — ; one summary line is printed; the exit status is 1 on any violation, 2 when the stack could not start.
 """
 from __future__ import annotations
 
@@ -344,11 +346,14 @@ def seed_users(stack: Stack, n: int) -> dict:
         conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (n,))
     emails = [u["email"] for u in users if u["email"]]
     chats = [u["telegram_chat_id"] for u in users if u["telegram_chat_id"]]
+    refused: dict[str, set[str]] = {"email": set(), "telegram": set()}  # gone destinations (SPEC §11.3)
     for address in rng.sample(emails, max(1, len(emails) // 40)):
         stack.smtp.reject_recipient(address, MAILBOX_UNAVAILABLE)
+        refused["email"].add(address)
     for chat in rng.sample(chats, max(1, len(chats) // 40)):
         stack.api.telegram_error(*BLOCKED, chat_id=chat)
-    return {"emails": emails, "chats": chats, "prefs": len(prefs)}
+        refused["telegram"].add(chat)
+    return {"emails": emails, "chats": chats, "prefs": len(prefs), "refused": refused}
 
 
 # --- producers ------------------------------------------------------------------------------
@@ -489,6 +494,7 @@ class Faults:
         self.log: list[tuple[float, str]] = []  # (time.time(), kind)
         self.stop_event = threading.Event()
         self.emails, self.chats = seed_info["emails"], seed_info["chats"]
+        self.refused = seed_info["refused"]
         self.timers: list[threading.Timer] = []
         self.errors: list[str] = []
 
@@ -580,6 +586,7 @@ class Faults:
     def smtp_550(self) -> None:
         for address in self.rng.sample(self.emails, min(2, len(self.emails))):
             self.stack.smtp.reject_recipient(address, MAILBOX_UNAVAILABLE)
+            self.refused["email"].add(address)
         self.record("smtp_550")
 
     def smtp_slow_data(self) -> None:
@@ -596,6 +603,7 @@ class Faults:
     def tg_403(self) -> None:
         for chat in self.rng.sample(self.chats, min(2, len(self.chats))):
             self.stack.api.telegram_error(*BLOCKED, chat_id=chat)
+            self.refused["telegram"].add(chat)
         self.record("tg_403")
 
     def tg_5xx(self) -> None:
@@ -718,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         with stack.engine.connect() as conn:
             report = soak_check.check(conn, producers.valid, arrivals, faults.log, frozenset({HOURLY_PLAN}),
                                       "Europe/Amsterdam", "daily")
+            soak_check.check_blocks(report, conn, faults.refused, {"email": list(stack.smtp.rcpt_log),
+                                                                   "telegram": list(stack.api.telegram_requests)})
         if faults.errors:
             report.bad("fault_not_injected", "; ".join(faults.errors[:5]))
         c = report.counts
@@ -731,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
             "violations": len(report.violations), "drained_s": round(drain_seconds, 1),
             "producer_resent": resent, "ingest": dict(producers.via), "crashes": dict(stack.crashes),
             "runner_exits": {str(k): v for k, v in stack.runner_exits.items()},
+            "blocks": {"email": c["blocks_email"], "telegram": c["blocks_telegram"],
+                       "skipped": c["destination_disabled_skips"], "requests_after": c["requests_after_block"],
+                       "latest_request_after_ms": c["latest_request_after_block_ms"]},
             "accounted": {k: v for k, v in sorted(c.items()) if k.startswith(("instant_", "in_digest_", "digests_",
                                                                                  "digest_kind"))},
         }
@@ -747,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
               f"faults={sum(fault_counts.values())} {json.dumps(fault_counts, separators=(',', ':'))} "
               f"duplicates={report.duplicates} crash_window={report.crash_window} lost={report.lost} "
               f"violations={len(report.violations)} drained={'yes' if drained else 'NO'} in {drain_seconds:.0f}s "
+              f"blocks={c['blocks_email'] + c['blocks_telegram']} (skipped {c['destination_disabled_skips']}, "
+              f"requests after a block {c['requests_after_block']}, latest +{c['latest_request_after_block_ms']}ms) "
               f"crashes={json.dumps(dict(stack.crashes), separators=(',', ':'))}",
               flush=True)
         if args.json:

@@ -2,6 +2,10 @@
 fake SMTP server and the fake Telegram API received, and the fault log, checked against
 SPEC §2.
 
+Destination health (SPEC §11.3): a block only for a destination the fake really refuses,
+every ``destination_disabled`` skip backed by its block, and no provider request to a
+blocked address later than ``IN_FLIGHT_SECONDS`` after the block was committed.
+
 Every problem found is a ``Violation`` (kind, detail). Duplicates are counted per
 (channel, recipient, event); a duplicate is excused only as the crash window SPEC §2.7
 allows — a worker was SIGKILLed within ``CRASH_WINDOW`` seconds after the provider
@@ -29,6 +33,10 @@ INSTANT_ID = re.compile(r"^<alert-delivery-(\d+)@")
 # provider accepted the first copy (the send's DB write follows within milliseconds).
 CRASH_WINDOW = (-0.5, 2.0)
 KILL_FAULTS = ("worker_kill", "pool_child_kill")
+# A claim loaded just before another sender committed a block may still be sent: within a
+# batch a sender gives its unsent claims back after half the lease (30 s in the soak), and
+# one send lasts at most its timeout (10 s). Later than this, a request is a violation.
+IN_FLIGHT_SECONDS = 30 / 2 + 10
 ANY = "*"
 
 
@@ -113,6 +121,37 @@ def check(conn, produced: dict[str, bool], arrivals: list[Arrival], faults: list
     r.counts.update(events=len(events), deliveries=len(deliveries), digests=len(digests),
                     messages=len(arrivals))
     return r
+
+
+def check_blocks(r: Report, conn, refused: dict[str, set[str]], requests: dict[str, list[tuple[str, float]]]) -> None:
+    """``refused``: per channel, the addresses the fakes were told to refuse as gone;
+    ``requests``: per channel, (address, time.time()) of every request the fakes received."""
+    blocks = {(b.user_id, b.channel): b for b in conn.execute(sa.select(m.user_channel_blocks))}
+    blocked_at: dict[tuple[str, str], float] = {}
+    for b in blocks.values():
+        r.counts[f"blocks_{b.channel}"] += 1
+        if b.address not in refused.get(b.channel, set()):
+            r.bad("block_for_healthy_destination", f"user {b.user_id} {b.channel} {b.address}: {b.reason}")
+        key = (b.channel, b.address.lower() if b.channel == "email" else b.address)
+        blocked_at[key] = min(blocked_at.get(key, b.created_at.timestamp()), b.created_at.timestamp())
+    for table in (m.user_alert_deliveries, m.user_alert_digests):
+        for row in conn.execute(sa.select(table.c.id, table.c.user_id, table.c.channel, table.c.last_error)
+                                .where(table.c.last_error.like(m.DESTINATION_DISABLED + ":%"))):
+            r.counts["destination_disabled_skips"] += 1
+            b = blocks.get((row.user_id, row.channel))
+            if b is None or row.last_error != m.destination_disabled(b.reason):
+                r.bad("disabled_without_block", f"{table.name} {row.id}: {row.last_error}")
+    late = 0.0
+    for channel, log in requests.items():
+        for address, at in log:
+            key = (channel, address.lower() if channel == "email" else address)
+            if key in blocked_at and at > blocked_at[key]:
+                r.counts["requests_after_block"] += 1
+                late = max(late, at - blocked_at[key])
+                if at - blocked_at[key] > IN_FLIGHT_SECONDS:
+                    r.bad("sent_after_block", f"{channel} request to {address} {at - blocked_at[key]:.1f}s "
+                                              f"after its block was committed")
+    r.counts["latest_request_after_block_ms"] = round(late * 1000)
 
 
 def _check_events(r: Report, produced: dict[str, bool], events: dict) -> None:

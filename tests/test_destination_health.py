@@ -411,3 +411,31 @@ def test_status_counts_blocks_in_force_by_channel_and_reason(db_url, engine, liv
     assert report["blocked_destinations"] == {"telegram": {"telegram 403: Forbidden: bot was blocked by the user": 1}}
     text = invoke(db_url, "status").output
     assert "blocked destinations (alerts destinations):\n  telegram: 1 telegram 403: Forbidden: bot was blocked" in text
+
+
+# --- the soak's checker (bench/soak_check.py) -----------------------------------------------------
+
+def test_the_soak_checker_flags_requests_after_a_block_and_blocks_of_healthy_destinations(engine, now):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import soak_check
+
+    with engine.begin() as conn:
+        user, healthy = seed_user(conn), add_user(conn, email="fine@example.com")
+        instant(conn, user, "email", status="skipped", last_error=m.destination_disabled("smtp 550 5.1.1 gone"))
+        instant(conn, healthy, "email", status="skipped", last_error=m.destination_disabled("smtp 550 5.1.1 gone"))
+        # A block for an address the fake never refused, with another reason than its skip says.
+        for who, address, reason in ((user, GONE_EMAIL, "smtp 550 5.1.1 gone"),
+                                     (healthy, "fine@example.com", "smtp 451 later")):
+            conn.execute(sa.insert(m.user_channel_blocks).values(user_id=who, channel="email", address=address,
+                                                                 reason=reason, created_at=now))
+    at = now.timestamp()
+    in_flight, late = at + 0.2, at + soak_check.IN_FLIGHT_SECONDS + 1
+
+    report = soak_check.Report()
+    with engine.connect() as conn:
+        soak_check.check_blocks(report, conn, {"email": {GONE_EMAIL}},
+                                {"email": [(GONE_EMAIL, at - 5), (GONE_EMAIL.upper(), in_flight), (GONE_EMAIL, late)]})
+
+    assert Counter(v.kind for v in report.violations) == {
+        "block_for_healthy_destination": 1, "disabled_without_block": 1, "sent_after_block": 1}
+    assert report.counts["requests_after_block"] == 2

@@ -37,3 +37,4 @@ def test_the_short_soak_loses_nothing_and_sends_nothing_twice():
     assert summary["events"] > 40 and summary["deliveries"] > summary["events"]
     assert summary["email"] > 0 and summary["telegram"] > 0 and summary["digests"] > 0
     assert set(summary["faults"]) == set(FAULTS), summary["faults"]
+    assert summary["blocks"]["email"] > 0 and summary["blocks"]["telegram"] > 0, summary["blocks"]
