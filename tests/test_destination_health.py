@@ -193,6 +193,34 @@ def test_rows_made_after_the_block_are_skipped_without_calling_the_provider(engi
     assert attempts_to(None, provider_api, "telegram", CHAT) == before
 
 
+def test_an_open_digest_skipped_by_a_block_gets_a_follow_up_that_is_skipped_too(engine, live_settings, now,
+                                                                                 provider_api):
+    with engine.begin() as conn:
+        user = seed_user(conn)
+        open_digest = add_digest(conn, user, channel="telegram", events=1)
+        instant(conn, user, "telegram")
+    provider_api.telegram_error(*BLOCKED, chat_id=CHAT)
+    assert run_c(engine, live_settings, now)["instant"] == counts(failed=1)
+    with engine.begin() as conn:  # a digest delivery for the same window, after the block
+        late = add_delivery(conn, user, add_event(conn, status="fanned_out"), channel="telegram",
+                            delivery_kind="digest")
+
+    with session(engine, live_settings) as (db, channels):
+        result = run_phases(db, ("d", "c"), clock_at(WINDOW_END + timedelta(minutes=1)), live_settings, channels)
+
+    assert result["d"]["digests_created"] == 1 and result["c"]["digests"] == counts(skipped=1)
+    reason = m.destination_disabled("telegram 403: Forbidden: bot was blocked by the user")
+    with engine.connect() as conn:
+        digests = conn.execute(sa.select(m.user_alert_digests.c.id, m.user_alert_digests.c.sequence,
+                                         m.user_alert_digests.c.status, m.user_alert_digests.c.last_error)
+                               .order_by(m.user_alert_digests.c.id)).all()
+        item_of_late = conn.execute(sa.select(m.user_alert_digest_items.c.digest_id)
+                                    .where(m.user_alert_digest_items.c.delivery_id == late)).scalar_one()
+    assert [tuple(g)[1:] for g in digests] == [(0, "skipped", reason), (1, "skipped", reason)]
+    assert digests[0].id == open_digest and item_of_late == digests[1].id, "the late item is in the follow-up"
+    assert attempts_to(None, provider_api, "telegram", CHAT) == 1
+
+
 def test_a_new_address_is_tried_again_and_the_block_stays_as_history(db_url, engine, live_settings, now,
                                                                      provider_api):
     user = block_chat(engine, live_settings, now, provider_api)
