@@ -1,7 +1,7 @@
 """Destination health (SPEC §11.3-11.6): blocks recorded from the providers' real error
 answers, the rows they stop, chat migration, 401, and the operator commands — through the
-runner's Phase C (PostgreSQL and SQLite), the Celery send tasks, and several sender
-processes racing on PostgreSQL.
+runner's Phase C (PostgreSQL and SQLite) and several sender processes racing on
+PostgreSQL (the Celery send tasks: test_destination_health_tasks.py and _worker.py).
 
 The fakes answer as the providers do: the Bot API's ``{"ok": false, "error_code",
 "description", "parameters"}`` and aiosmtpd replies to RCPT TO and DATA.
@@ -30,7 +30,6 @@ from tests.fakes.provider_api import (BAD_ENTITIES, BLOCKED, CHAT_NOT_FOUND, DEA
                                       UPGRADED)
 from tests.fakes.smtp_server import (MAILBOX_NAME_NOT_ALLOWED, MAILBOX_UNAVAILABLE, MESSAGE_REJECTED,
                                      USER_NOT_LOCAL)
-from tests.test_tasks import app, broker, broker_url, celery_app, clock, conn, iso  # noqa: F401 (fixtures)
 
 CHAT = "424242"
 OTHER_CHAT = "515151"
@@ -282,55 +281,6 @@ def test_a_chat_that_moves_twice_in_one_attempt_fails_that_row(engine, live_sett
     assert status == "failed" and f"group moved to chat {NEW_CHAT}" in last_error
     assert attempts_to(None, provider_api, "telegram", "-4242") == 1
     assert attempts_to(None, provider_api, "telegram", NEW_CHAT) == 1
-
-
-# --- the Celery send tasks (PostgreSQL) --------------------------------------------------------------
-
-def test_the_send_task_records_the_block_and_skips_later_rows_without_a_send(app, conn, smtp_server):  # noqa: F811
-    user = seed_user(conn)
-    first, queued = instant(conn, user, "email"), instant(conn, user, "email")
-    digest = add_digest(conn, user, channel="email")
-    smtp_server.reject_recipient(GONE_EMAIL)
-    send = app.tasks["alerts.send_delivery"]
-
-    assert send.apply((first,)).get() == "failed"
-    assert send.apply((queued,)).get() is None, "already skipped by the block: not due"
-    late = instant(conn, user, "email")
-    assert send.apply((late,)).get() == "skipped"
-    assert app.tasks["alerts.send_digest"].apply((digest,), {"now": iso(WINDOW_END)}).get() is None
-
-    reason = m.destination_disabled("smtp 550 5.1.1 mailbox unavailable")
-    rows = {r.id: (r.status, r.last_error) for r in conn.execute(
-        sa.select(m.user_alert_deliveries).where(m.user_alert_deliveries.c.delivery_kind == m.INSTANT))}
-    assert rows == {first: ("failed", "smtp 550 5.1.1 mailbox unavailable"), queued: ("skipped", reason),
-                    late: ("skipped", reason)}
-    assert conn.execute(sa.select(m.user_alert_digests.c.status)).scalar_one() == "skipped"
-    assert attempts_to(smtp_server, None, "email", GONE_EMAIL) == 1
-
-
-def test_the_send_task_follows_a_chat_migration(app, conn, provider_api):  # noqa: F811
-    user = seed_user(conn, telegram_chat_id="-4242")
-    delivery = instant(conn, user, "telegram")
-    provider_api.telegram_error(*UPGRADED, chat_id="-4242", parameters={"migrate_to_chat_id": int(NEW_CHAT)})
-
-    assert app.tasks["alerts.send_delivery"].apply((delivery,)).get() == "sent"
-
-    assert [msg.chat_id for msg in provider_api.telegram_messages] == [NEW_CHAT]
-    assert conn.execute(sa.select(m.users.c.telegram_chat_id)).scalar_one() == NEW_CHAT
-
-
-def test_a_blocked_chat_does_not_wait_for_the_rate_limiter(app, conn, provider_api):  # noqa: F811
-    from alerts.outbox import INSTANT
-
-    user = seed_user(conn)
-    instant(conn, user, "telegram")
-    provider_api.telegram_error(*BLOCKED, chat_id=CHAT)
-    (first,) = conn.execute(sa.select(m.user_alert_deliveries.c.id)).scalars()
-    assert app.tasks["alerts.send_delivery"].apply((first,)).get() == "failed"
-    late = instant(conn, user, "telegram")
-
-    assert INSTANT.telegram_chat(conn, late, WINDOW_END) == (True, None)
-    assert app.tasks["alerts.send_delivery"].apply((late,)).get() == "skipped"
 
 
 # --- several senders racing (PostgreSQL) --------------------------------------------------------------

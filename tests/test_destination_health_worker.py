@@ -31,7 +31,8 @@ def test_send_tasks_racing_on_a_hard_bounced_mailbox_try_it_at_most_once_per_pro
     tried = sum(1 for address, _ in smtp_server.rcpt_log if address == GONE_EMAIL)
     reason = "smtp 550 5.1.1 mailbox unavailable"
     assert 1 <= tried <= POOL_PROCESSES
-    assert outcomes == {(gone, "failed", reason): tried, (gone, "skipped", m.destination_disabled(reason)): ROWS - tried,
+    assert outcomes == {(gone, "failed", reason): tried,
+                        (gone, "skipped", m.destination_disabled(reason)): ROWS - tried,
                         (fine, "sent", None): ROWS}
     assert sorted(mail.rcpt_tos[0] for mail in smtp_server.messages) == ["fine@example.com"] * ROWS
     (block,) = conn.execute(sa.select(m.user_channel_blocks)).all()
