@@ -270,6 +270,17 @@ def test_a_group_that_became_a_supergroup_gets_its_new_chat_id_and_the_message_a
     assert blocks_in(engine) == []
 
 
+def test_a_digest_for_a_group_that_moved_is_sent_to_its_new_chat(engine, live_settings, provider_api):
+    with engine.begin() as conn:
+        digest = add_digest(conn, seed_user(conn, telegram_chat_id="-4242"), channel="telegram")
+    provider_api.telegram_error(*UPGRADED, chat_id="-4242", parameters={"migrate_to_chat_id": int(NEW_CHAT)})
+
+    assert run_c(engine, live_settings, WINDOW_END)["digests"] == counts(sent=1)
+
+    assert [msg.chat_id for msg in provider_api.telegram_messages] == [NEW_CHAT]
+    assert status_of(engine, m.user_alert_digests, digest) == ("sent", None)
+
+
 def test_a_chat_that_moves_twice_in_one_attempt_fails_that_row(engine, live_settings, now, provider_api):
     with engine.begin() as conn:
         delivery = instant(conn, seed_user(conn, telegram_chat_id="-4242"), "telegram")
