@@ -132,3 +132,27 @@ def test_changing_the_send_time_never_moves_or_empties_a_built_digest(db, settin
              digest_key(user, "email", "daily", utc(2026, 5, 11, 16)), [late]),
         ])
     assert old[1:3] == (utc(2026, 5, 12, 6), utc(2026, 5, 13, 6)) and old[5] == [early]
+
+
+def test_two_send_times_in_one_spring_gap_share_a_start_but_not_a_digest(db, settings, now):
+    """02:00 and 02:30 both start the window of 29 March at 03:00 CEST, but end it at
+    different times: after a change from one to the other the new window's events go
+    into a follow-up (a key of its own), never into the digest of the other window."""
+    with db.transaction() as conn:
+        user = add_user(conn, digest_send_time="02:00")
+        early = add_digest_delivery(conn, user, utc(2026, 3, 29, 12))
+    run_phase_d(db, clock_at(now), settings, NO_CHANNELS)
+    with db.transaction() as conn:
+        conn.execute(sa.update(m.users).where(m.users.c.id == user).values(digest_send_time="02:30"))
+        late = add_digest_delivery(conn, user, utc(2026, 3, 30, 0, 15))  # 02:15 CEST on the 30th
+
+    assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS)["digests_created"] == 1
+
+    start = utc(2026, 3, 29, 1)
+    with db.engine.connect() as conn:
+        assert built(conn) == [
+            (user, start, utc(2026, 3, 30, 0), utc(2026, 3, 30, 0), digest_key(user, "email", "daily", start),
+             [early]),
+            (user, start, utc(2026, 3, 30, 0, 30), utc(2026, 3, 30, 0, 30),
+             digest_key(user, "email", "daily", start, sequence=1), [late]),
+        ]

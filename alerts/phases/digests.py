@@ -220,7 +220,10 @@ def _resolve_existing(conn: Connection) -> None:
         conn.execute(sa.select(sa.func.count()).select_from(locked.subquery()))
     existing = (
         sa.select(grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start,
-                  sa.func.max(sa.case((_open(g), g.c.id))).label("open_id"),
+                  # Same start, other end: another send time's window (two send times in
+                  # one spring-forward gap); its digest is not this window's.
+                  sa.func.max(sa.case((sa.and_(_open(g), g.c.window_end == grp.c.window_end), g.c.id)))
+                  .label("open_id"),
                   sa.func.max(g.c.sequence).label("max_sequence"))
         .select_from(grp.join(g, _same_window(g, grp)))
         .group_by(grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start)
