@@ -73,7 +73,8 @@ def windows_between(start_utc: datetime, end_utc: datetime, period: str, tz: Zon
 
 def parse_send_time(text: str) -> time:
     """``HH:MM`` (00:00 … 23:59) as a time of day; ValueError otherwise."""
-    if len(text) != 5 or text[2] != ":" or not (text[:2] + text[3:]).isdigit():
+    digits = text[:2] + text[3:]
+    if len(text) != 5 or text[2] != ":" or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"not a time of day as HH:MM: {text!r}")
     return time(int(text[:2]), int(text[3:]))
 

@@ -269,7 +269,7 @@ def test_parse_send_time_reads_hh_mm(text, expected):
     assert parse_send_time(text) == expected
 
 
-@pytest.mark.parametrize("text", ["7:30", "24:00", "07:60", "07-30", "0730", " 07:30", "07:3a", ""])
+@pytest.mark.parametrize("text", ["7:30", "24:00", "07:60", "07-30", "0730", " 07:30", "07:3a", "", "٠٧:٣٠"])
 def test_parse_send_time_refuses_anything_else(text):
     with pytest.raises(ValueError):
         parse_send_time(text)
