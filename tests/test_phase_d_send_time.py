@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
+from sqlalchemy import event
 
 from alerts import models as m
 from alerts.phases.digests import run_phase_d
@@ -156,3 +157,35 @@ def test_two_send_times_in_one_spring_gap_share_a_start_but_not_a_digest(db, set
             (user, start, utc(2026, 3, 30, 0, 30), utc(2026, 3, 30, 0, 30),
              digest_key(user, "email", "daily", start, sequence=1), [late]),
         ]
+
+
+def _statements_of_a_build(db, settings, now, users: list[dict]) -> int:
+    with db.transaction() as conn:
+        for cols in users:
+            user = add_user(conn, **cols)
+            for hour in (3, 9, 15, 21):
+                add_digest_delivery(conn, user, utc(2026, 5, 12, hour))
+    seen = []
+
+    def count(*args):
+        seen.append(1)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        assert run_phase_d(db, clock_at(now), settings, NO_CHANNELS)["deliveries_marked_batched"] == 4 * len(users)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", count)
+    return len(seen)
+
+
+def test_phase_d_runs_the_same_statements_for_one_send_time_or_many(db, engine, settings, now):
+    """Set-based: more users, zones and send times mean more rows, not more statements."""
+    one = _statements_of_a_build(db, settings, now, [{}])
+    with engine.begin() as conn:
+        for table in (m.user_alert_digest_items, m.user_alert_digests, m.user_alert_deliveries):
+            conn.execute(sa.delete(table))
+    zones = ["Europe/Amsterdam", "America/New_York", "Asia/Kolkata", "Australia/Sydney", "America/Sao_Paulo"]
+    times = [None, "06:00", "07:30", "08:00", "09:15", "12:00", "17:45", "18:00", "21:30", "23:00"]
+    many = _statements_of_a_build(db, settings, now, [{"timezone": z, "digest_send_time": t} for z in zones
+                                                      for t in times])
+    assert many == one
