@@ -34,17 +34,21 @@ def preview_digest(engine: Engine, settings: Settings, *, digest_id=None, user_i
             channels = [channel] if channel else ["email", "telegram"]
     echo(f"digest {digest['digest_key']}: {len(items)} item(s), window "
          f"{digest['window_start']:%Y-%m-%d %H:%M} – {digest['window_end']:%Y-%m-%d %H:%M} UTC")
+    tz = resolve_timezone(digest["timezone"], settings)
     if "send_time" in digest:
-        tz = resolve_timezone(digest["timezone"], settings)
-        due = digest["window_end"].astimezone(tz)
-        echo(f"send time {digest['send_time']:%H:%M} {tz.key}: due {due:%a %d %b %Y %H:%M} {tz.key} "
-             f"({digest['window_end']:%Y-%m-%d %H:%M} UTC)")
+        echo(f"send time {digest['send_time']:%H:%M} {tz.key}: due {_when(digest['window_end'], tz)}")
+    elif digest.get("next_retry_at") is not None:
+        echo(f"{digest['status']}, due {_when(digest['next_retry_at'], tz)}")
     for name in channels:
         message = render_digest(name, digest, items, settings=settings)
         if isinstance(message, EmailMessage):
             _show_email(message, out_dir, echo)
         else:
             echo(f"\n=== telegram (parse_mode=HTML) ===\n{message.text}")
+
+
+def _when(instant, tz) -> str:
+    return f"{instant.astimezone(tz):%a %d %b %Y %H:%M} {tz.key} ({instant:%Y-%m-%d %H:%M} UTC)"
 
 
 def _built(conn, settings, digest_id):

@@ -75,6 +75,7 @@ def test_preview_of_a_window_is_what_phase_d_then_builds_and_sends(db_url, db, s
         digest_id = conn.execute(sa.select(m.user_alert_digests.c.id)
                                  .where(m.user_alert_digests.c.window_start == utc(2026, 5, 12, 5, 30))).scalar_one()
     built = invoke(db_url, "preview", "--digest", str(digest_id)).output
+    assert "queued, due Wed 13 May 2026 07:30 Europe/Amsterdam (2026-05-13 05:30 UTC)" in built
 
     def body(output: str) -> list[str]:  # the message, without the ids that name the preview itself
         lines = output.split("=== email ===", 1)[1].splitlines()
