@@ -2,7 +2,7 @@
 changing anything — for a built digest, or for a user's window not built yet."""
 from __future__ import annotations
 
-from datetime import date, datetime, time
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -12,9 +12,11 @@ from sqlalchemy.engine import Engine
 from alerts import models as m
 from alerts.config import Settings
 from alerts.messages import EmailMessage, render_digest
-from alerts.windows import digest_key, digest_window, resolve_period, resolve_timezone
+from alerts.windows import MIDNIGHT, day_start, digest_key, resolve_period, resolve_send_time, resolve_timezone
 
-EVENT_COLUMNS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at")
+# collapse_key too: the digest renderer collapses the items of one story (§10.3).
+EVENT_COLUMNS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at",
+                 "collapse_key")
 
 
 def _event_cols():
@@ -32,12 +34,21 @@ def preview_digest(engine: Engine, settings: Settings, *, digest_id=None, user_i
             channels = [channel] if channel else ["email", "telegram"]
     echo(f"digest {digest['digest_key']}: {len(items)} item(s), window "
          f"{digest['window_start']:%Y-%m-%d %H:%M} – {digest['window_end']:%Y-%m-%d %H:%M} UTC")
+    tz = resolve_timezone(digest["timezone"], settings)
+    if "send_time" in digest:
+        echo(f"send time {digest['send_time']:%H:%M} {tz.key}: due {_when(digest['window_end'], tz)}")
+    elif digest.get("next_retry_at") is not None:
+        echo(f"{digest['status']}, due {_when(digest['next_retry_at'], tz)}")
     for name in channels:
         message = render_digest(name, digest, items, settings=settings)
         if isinstance(message, EmailMessage):
             _show_email(message, out_dir, echo)
         else:
             echo(f"\n=== telegram (parse_mode=HTML) ===\n{message.text}")
+
+
+def _when(instant, tz) -> str:
+    return f"{instant.astimezone(tz):%a %d %b %Y %H:%M} {tz.key} ({instant:%Y-%m-%d %H:%M} UTC)"
 
 
 def _built(conn, settings, digest_id):
@@ -67,9 +78,11 @@ def _unbuilt(conn, settings, user_id, day, channel):
         raise LookupError(f"--date: not a YYYY-MM-DD date: {day!r}") from None
     tz = resolve_timezone(user["timezone"], settings)
     period = resolve_period(user["digest_period"], user["plan"], settings)
-    # The day's first window; for hourly users, preview the whole day as one list.
-    start, _ = digest_window(datetime.combine(local_day, time(0, 30), tzinfo=tz), "daily", tz)
-    _, end = digest_window(datetime.combine(local_day, time(23, 30), tzinfo=tz), "daily", tz)
+    # The daily window that starts on the local day (§10.5); for hourly users, whose
+    # windows have no send time, the whole calendar day as one list.
+    send_time = MIDNIGHT if period == m.HOURLY else resolve_send_time(user["digest_send_time"], settings)
+    start = day_start(local_day, send_time, tz)
+    end = day_start(local_day + timedelta(days=1), send_time, tz)
     d, e = m.user_alert_deliveries, m.alert_events
     where = [d.c.user_id == user_id, d.c.delivery_kind == "digest", d.c.channel != "sms",
              e.c.created_at >= start, e.c.created_at < end]
@@ -80,7 +93,7 @@ def _unbuilt(conn, settings, user_id, day, channel):
     ).mappings().all()
     digest = {"id": None, "digest_key": digest_key(user_id, channel or "email", period, start) + ":preview",
               "user_id": user_id, "channel": channel or "email", "period": "daily", "window_start": start,
-              "window_end": end, "timezone": tz.key}
+              "window_end": end, "timezone": tz.key, "send_time": send_time}
     return digest, items
 
 

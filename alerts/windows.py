@@ -1,17 +1,19 @@
-"""Digest windows: which local day or hour an instant falls in, as UTC bounds (SPEC §4 D).
+"""Digest windows: which local day or hour an instant falls in, as UTC bounds (SPEC §4 D, §10.1).
 
-A window is the longest stretch of time over which the user's wall clock shows the same
-calendar day (daily) or the same hour *at the same UTC offset* (hourly) — so a DST day is
-23 h or 25 h long and the repeated fall-back hour is two windows. The usual wall-clock
-arithmetic gives the bounds; they are then checked against that definition and, in the
-rare zone where the arithmetic is wrong (a DST gap across midnight, Lord Howe's 30-minute
-shift), found by bisection instead. Everything returned is UTC; callers build queries
-and keys from these bounds only.
+A daily window runs from the user's send time T on one local day to T on the next
+(T = 00:00 gives the calendar day): its bounds are *day starts*, the first instant of a
+local day whose wall-clock time is ≥ T — so a T inside a spring-forward gap falls on the
+first instant after the gap, on a fall-back day the first of the repeated times counts,
+and a DST day is 23 h or 25 h long. An hourly window is the longest stretch of time over
+which the wall clock shows the same hour *at the same UTC offset*, so the repeated
+fall-back hour is two windows. The usual wall-clock arithmetic gives the bounds; where
+it is wrong (a gap, Lord Howe's 30-minute shift) they are found by bisection instead.
+Everything returned is UTC; callers build queries and keys from these bounds only.
 """
 from __future__ import annotations
 
 import math
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Callable, Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,34 +21,73 @@ from alerts.models import DAILY, HOURLY
 
 UTC = timezone.utc
 SECOND = timedelta(seconds=1)
-# Longer than any window can be, so a bisection bracket of this size holds a boundary.
-_MAX_LENGTH = {DAILY: timedelta(days=3), HOURLY: timedelta(hours=3)}
+MIDNIGHT = time(0)
+# Longer than an hourly window can be, so a bisection bracket of this size holds a boundary.
+_HOUR_MAX_LENGTH = timedelta(hours=3)
 
 
-def digest_window(instant: datetime, period: str, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """UTC bounds [start, end) of the ``period`` window of ``tz`` that contains ``instant``."""
+def digest_window(instant: datetime, period: str, tz: ZoneInfo,
+                  send_time: time = MIDNIGHT) -> tuple[datetime, datetime]:
+    """UTC bounds [start, end) of the ``period`` window of ``tz`` that contains ``instant``;
+    a daily window starts and ends at ``send_time`` (hourly windows ignore it)."""
     if instant.tzinfo is None:
         raise ValueError("digest_window needs a timezone-aware instant")
-    if period not in _MAX_LENGTH:
+    if period not in (DAILY, HOURLY):
         raise ValueError(f"unknown digest period {period!r}")
     t = instant.astimezone(UTC)
-    key = _window_key(period, tz)
+    if period == DAILY:
+        return _daily_window(t, tz, send_time)
+    key = _hour_key(tz)
     k = key(t)
-    start, end = _wall_clock_guess(t, period, tz)
+    local = t.astimezone(tz)
+    start = t - timedelta(minutes=local.minute, seconds=local.second, microseconds=local.microsecond)
+    end = start + timedelta(hours=1)  # in UTC, so the repeated fall-back hour gives two starts
     if not (start <= t and key(start) == k and key(start - SECOND) != k):
-        start = _first(t - _MAX_LENGTH[period], t, lambda x: key(x) == k)
+        start = _first(t - _HOUR_MAX_LENGTH, t, lambda x: key(x) == k)
     if not (t < end and key(end - SECOND) == k and key(end) != k):
-        end = _first(t, t + _MAX_LENGTH[period], lambda x: key(x) != k)
+        end = _first(t, t + _HOUR_MAX_LENGTH, lambda x: key(x) != k)
     return start, end
 
 
-def windows_between(start_utc: datetime, end_utc: datetime, period: str,
-                    tz: ZoneInfo) -> Iterator[tuple[datetime, datetime]]:
+def day_start(day: date, send_time: time, tz: ZoneInfo) -> datetime:
+    """The first instant of local ``day`` whose wall-clock time is ≥ ``send_time``, in UTC:
+    the bound between the daily window before it and the one starting on ``day``."""
+    wall = datetime.combine(day, send_time)
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)  # fold=0: the first of repeated times
+    if first.astimezone(tz).replace(tzinfo=None) == wall:
+        return first
+    # ``wall`` falls in a gap: fold=1 reads it with the offset after the gap (an instant
+    # before it), fold=0 with the one before (an instant after it); the end lies between.
+    before = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    return _first(before, first, lambda x: x.astimezone(tz).replace(tzinfo=None) >= wall)
+
+
+def windows_between(start_utc: datetime, end_utc: datetime, period: str, tz: ZoneInfo,
+                    send_time: time = MIDNIGHT) -> Iterator[tuple[datetime, datetime]]:
     """Every window that overlaps [start_utc, end_utc), in order."""
-    window = digest_window(start_utc, period, tz)
+    window = digest_window(start_utc, period, tz, send_time)
     while window[0] < end_utc:
         yield window
-        window = digest_window(window[1], period, tz)
+        window = digest_window(window[1], period, tz, send_time)
+
+
+def parse_send_time(text: str) -> time:
+    """``HH:MM`` (00:00 … 23:59) as a time of day; ValueError otherwise."""
+    digits = text[:2] + text[3:]
+    if len(text) != 5 or text[2] != ":" or not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"not a time of day as HH:MM: {text!r}")
+    return time(int(text[:2]), int(text[3:]))
+
+
+def resolve_send_time(user_send_time: str | None, settings) -> time:
+    """The user's digest send time, else ALERTS_DIGEST_SEND_TIME. The database refuses a
+    malformed value; one written before its CHECK existed falls back, like a bad zone."""
+    for text in (user_send_time, settings.digest_send_time):
+        try:
+            return parse_send_time(text)
+        except (TypeError, ValueError):
+            continue
+    return MIDNIGHT
 
 
 def resolve_period(user_digest_period: str | None, user_plan: str | None, settings) -> str:
@@ -81,28 +122,25 @@ def digest_key(user_id: int, channel: str, period: str, window_start_utc: dateti
 
 # --- internals ---------------------------------------------------------------------------
 
-def _window_key(period: str, tz: ZoneInfo) -> Callable[[datetime], tuple]:
-    """What stays constant over one window, as seen at a UTC instant."""
-    if period == DAILY:
-        return lambda x: x.astimezone(tz).date()
+def _daily_window(t: datetime, tz: ZoneInfo, send_time: time) -> tuple[datetime, datetime]:
+    day = t.astimezone(tz).date()
+    start = day_start(day, send_time, tz)
+    if t < start:  # before today's send time: the window that began yesterday
+        return day_start(day - timedelta(days=1), send_time, tz), start
+    end = day_start(day + timedelta(days=1), send_time, tz)
+    while end <= t:  # clocks went back across midnight (Goose Bay, 2010): tomorrow began already
+        day += timedelta(days=1)
+        start, end = end, day_start(day + timedelta(days=1), send_time, tz)
+    return start, end
 
+
+def _hour_key(tz: ZoneInfo) -> Callable[[datetime], tuple]:
+    """What stays constant over one hourly window, as seen at a UTC instant."""
     def hourly(x: datetime) -> tuple:
         local = x.astimezone(tz)
         return local.date(), local.hour, local.utcoffset()
 
     return hourly
-
-
-def _wall_clock_guess(t: datetime, period: str, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    local = t.astimezone(tz)
-    if period == DAILY:
-        day = local.date()
-        start = datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
-        end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz).astimezone(UTC)
-        return start, end
-    # In UTC, so the repeated fall-back hour gives two different starts.
-    start = t - timedelta(minutes=local.minute, seconds=local.second, microseconds=local.microsecond)
-    return start, start + timedelta(hours=1)
 
 
 def _first(lo: datetime, hi: datetime, predicate: Callable[[datetime], bool]) -> datetime:

@@ -1,6 +1,7 @@
 """Benchmark Phase D (digest build) on PostgreSQL against a hand-written reference SQL.
 
     python bench/bench_phase_d.py --users 10000 100000 --events 10 --rounds 3
+    python bench/bench_phase_d.py --send-times --users 100000 --events 10   # 1M, §10.1
 
 For each size and round it bulk-loads users × events pending digest deliveries on one
 channel (generate_series, no Python loops), times ``run_phase_d`` in a child process (so
@@ -8,6 +9,11 @@ the peak RSS is Phase D's own), reloads the same data and times the reference: t
 set-based SQL one would write by hand for this data, computing windows with PostgreSQL's
 own ``AT TIME ZONE``. Both must leave the same digests, items and batched deliveries; the
 script checks that. The table shows the best round of each (the machine may be shared).
+
+``--send-times`` (SPEC §10.1) spreads the users over 5 zones and 10 send times (9 of
+their own and ALERTS_DIGEST_SEND_TIME for the rest), and the reference then shifts each
+event's local time by the send time before truncating to the day. That reference is
+exact only away from DST changes, which the data (12-13 May) stays clear of.
 
 Without ``--database-url`` it creates a throwaway database on 127.0.0.1 and drops it at
 the end. With one, that database is migrated and its alert tables are EMPTIED.
@@ -116,13 +122,50 @@ OUTCOME_SQL = """
 """
 
 
+# --send-times: 5 zones and 10 send times (NULL: ALERTS_DIGEST_SEND_TIME, 00:00), every
+# combination about equally often.
+SEND_TIME_USERS_SQL = """
+    UPDATE users SET
+        timezone = (ARRAY['Europe/Amsterdam', 'America/New_York', 'Asia/Kolkata', 'Australia/Sydney',
+                          'America/Sao_Paulo'])[id %% 5 + 1],
+        digest_send_time = (ARRAY[NULL, '06:00', '07:30', '08:00', '09:15', '12:00', '17:45', '18:00',
+                                  '21:30', '23:00'])[(id / 5) %% 10 + 1]"""
+
+# The window of a daily user with send time T: the local day of (local time - T), from T.
+SEND_TIME_PLACED = """
+    WITH p AS (
+        SELECT d.id, d.user_id, d.channel, e.created_at,
+               CASE WHEN u.digest_period = 'hourly' AND u.plan = ANY(%(plans)s) THEN 'hourly'
+                    ELSE %(period)s END AS period,
+               COALESCE(u.timezone, %(tz)s) AS tz,
+               CAST(COALESCE(u.digest_send_time, %(send_time)s) AS interval) AS st
+        FROM user_alert_deliveries d
+        JOIN users u ON u.id = d.user_id
+        JOIN alert_events e ON e.id = d.alert_event_id
+        WHERE d.delivery_kind = 'digest' AND d.status = 'queued' AND d.channel IN ('email', 'telegram')
+    ), placed AS (
+        SELECT id, user_id, channel, period,
+               CASE WHEN period = 'daily'
+                    THEN (date_trunc('day', (created_at AT TIME ZONE tz) - st) + st) AT TIME ZONE tz
+                    ELSE created_at - ((created_at AT TIME ZONE tz) - date_trunc('hour', created_at AT TIME ZONE tz))
+               END AS ws,
+               CASE WHEN period = 'daily'
+                    THEN (date_trunc('day', (created_at AT TIME ZONE tz) - st) + interval '1 day' + st) AT TIME ZONE tz
+                    ELSE created_at - ((created_at AT TIME ZONE tz) - date_trunc('hour', created_at AT TIME ZONE tz))
+                         + interval '1 hour'
+               END AS we
+        FROM p
+    )
+"""
+
+
 def main() -> None:
     args = _parse()
     if args.child:
         return _child(args.database_url)
     with database(args.database_url) as url:
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
-        results = [_measure(engine, url, users, args.events, args.rounds) for users in args.users]
+        results = [_measure(engine, url, users, args.events, args.rounds, args.send_times) for users in args.users]
         engine.dispose()
     _report(results)
 
@@ -135,26 +178,28 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="runs of each side per size; the best counts (default: 1)")
     p.add_argument("--database-url", help="PostgreSQL URL to use (its alert tables are emptied); "
                                           "default: a throwaway database on 127.0.0.1")
+    p.add_argument("--send-times", action="store_true",
+                   help="users in 5 zones with 10 digest send times (SPEC §10.1), and the matching reference")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def _load(engine, users: int, events: int) -> None:
+def _load(engine, users: int, events: int, send_times: bool) -> None:
     with engine.connect() as conn:
-        for sql in LOAD_SQL:
+        for sql in LOAD_SQL + ([SEND_TIME_USERS_SQL] if send_times else []):
             conn.exec_driver_sql(sql, {"users": users, "events": events})
         conn.exec_driver_sql("VACUUM ANALYZE")
         conn.exec_driver_sql("CHECKPOINT")
 
 
-def _measure(engine, url: str, users: int, events: int, rounds: int) -> dict:
+def _measure(engine, url: str, users: int, events: int, rounds: int, send_times: bool) -> dict:
     times = {"phase D": [], "reference": []}
     outcomes, rss = {}, []
     for n in range(rounds):
         # Alternate which side goes first, so a drift in machine load hits both alike.
         for side in (("phase D", "reference") if n % 2 == 0 else ("reference", "phase D")):
             print(f"[bench] {users} users x {events} events, round {n + 1}: {side}", file=sys.stderr)
-            _load(engine, users, events)
+            _load(engine, users, events, send_times)
             if side == "phase D":
                 child = subprocess.run([sys.executable, __file__, "--child", "--database-url", url],
                                        check=True, capture_output=True, text=True)
@@ -162,7 +207,7 @@ def _measure(engine, url: str, users: int, events: int, rounds: int) -> dict:
                 times[side].append(run["seconds"])
                 rss.append((run["max_rss_mb"], run["base_rss_mb"]))
             else:
-                times[side].append(_run_reference(engine))
+                times[side].append(_run_reference(engine, send_times))
             outcomes[side] = _outcome(engine)
         if outcomes["phase D"] != outcomes["reference"]:
             raise SystemExit(f"phase D and the reference disagree: {outcomes}")
@@ -171,14 +216,17 @@ def _measure(engine, url: str, users: int, events: int, rounds: int) -> dict:
             "base_rss_mb": max(b for _, b in rss)}
 
 
-def _run_reference(engine) -> float:
+def _run_reference(engine, send_times: bool) -> float:
     settings = Settings.from_env(ENV)
     params = {"plans": sorted(settings.hourly_digest_plans), "period": settings.digest_period,
-              "tz": settings.timezone, "now": NOW}
+              "tz": settings.timezone, "send_time": settings.digest_send_time, "now": NOW}
+    statements = REFERENCE_SQL
+    if send_times:
+        statements = [sql.replace(REFERENCE_PLACED, SEND_TIME_PLACED) for sql in REFERENCE_SQL]
     with engine.connect() as conn:
         started = time.perf_counter()
         with conn.begin():
-            for sql in REFERENCE_SQL:
+            for sql in statements:
                 conn.exec_driver_sql(sql, params)
         return time.perf_counter() - started
 

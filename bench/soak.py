@@ -68,6 +68,7 @@ ADMIN_URL = os.environ.get("ALERTS_BENCH_PG_ADMIN_URL", "postgresql://postgres@1
 UTC = timezone.utc
 HOURLY_PLAN = "pro"
 TIMEZONES = (None, "Europe/Amsterdam", "America/New_York", "Asia/Kolkata", "Australia/Sydney", "UTC")
+SEND_TIMES = (None, None, "07:30", "02:30", "18:00")  # §10.1 digest_send_time, by user id
 ALERT_TYPES = ("supply_disruption", "price_spike", "regional_risk", "outage")
 REGIONS = ("NL", "DE", "FR", "GB", "NO")
 FAULTS = ("worker_kill", "pool_child_kill", "redis_restart", "pg_terminate", "pg_outage", "second_beat", "double_publish",
@@ -329,6 +330,7 @@ def seed_users(stack: Stack, n: int) -> dict:
                       "phone": None, "plan": HOURLY_PLAN if hourly and rng.random() < 0.75 else "free",
                       "timezone": rng.choice(TIMEZONES), "digest_period": "hourly" if hourly else None,
                       "is_active": rng.random() > 0.03})
+        users[-1]["digest_send_time"] = SEND_TIMES[i % len(SEND_TIMES)]
         seen = set()
         for _ in range(rng.randint(1, 3)):
             channel = rng.choices(("email", "telegram", "sms"), (55, 40, 5))[0]

@@ -197,12 +197,20 @@ def _check_fanout(r: Report, users, prefs, events, deliveries) -> None:
                                    f"expected {expected[key]}")
 
 
-def _window_ok(period: str, tz: ZoneInfo, start: datetime, end: datetime) -> bool:
+def _window_ok(period: str, tz: ZoneInfo, start: datetime, end: datetime, send_time: str | None = None) -> bool:
     a, b = start.astimezone(tz), end.astimezone(tz)
     if period == "hourly":
         return end - start == timedelta(hours=1) and a.minute == a.second == 0
-    return (a.time().isoformat() == b.time().isoformat() == "00:00:00"
-            and (b.date() - a.date()).days == 1)
+    if not send_time or send_time == "00:00":
+        return (a.time().isoformat() == b.time().isoformat() == "00:00:00"
+                and (b.date() - a.date()).days == 1)
+    return _is_day_start(start, tz, send_time) and _is_day_start(end, tz, send_time) and (b.date() - a.date()).days == 1
+
+
+def _is_day_start(instant: datetime, tz: ZoneInfo, send_time: str) -> bool:
+    """§10.1: the first instant of its local day whose wall clock shows ``send_time`` or later."""
+    local, before = instant.astimezone(tz), (instant - timedelta(seconds=1)).astimezone(tz)
+    return f"{local:%H:%M}" >= send_time and (before.date() < local.date() or f"{before:%H:%M}" < send_time)
 
 
 def _check_digests(r, users, events, deliveries, digests, items, hourly_plans, default_tz, default_period):
@@ -229,7 +237,7 @@ def _check_digests(r, users, events, deliveries, digests, items, hourly_plans, d
         u = users[g.user_id]
         period = "hourly" if u.digest_period == "hourly" and u.plan in hourly_plans else default_period
         tz = ZoneInfo(u.timezone or default_tz)
-        if g.period != period or not _window_ok(period, tz, g.window_start, g.window_end):
+        if g.period != period or not _window_ok(period, tz, g.window_start, g.window_end, u.digest_send_time):
             r.bad("digest_window", f"digest {g.id} {g.period} [{g.window_start}, {g.window_end}) for a "
                                    f"{period} user in {tz.key}")
         if g.status in ("queued", "sending"):

@@ -1,7 +1,7 @@
 """Digest windows (alerts/windows.py): local days and hours as UTC bounds, DST included."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -9,8 +9,8 @@ import sqlalchemy as sa
 
 from alerts.config import Settings
 from alerts.db import make_engine
-from alerts.windows import (digest_key, digest_window, format_window_start, resolve_period,
-                            resolve_timezone, windows_between)
+from alerts.windows import (day_start, digest_key, digest_window, format_window_start, parse_send_time,
+                            resolve_period, resolve_send_time, resolve_timezone, windows_between)
 
 UTC = timezone.utc
 AMS, NYC, KOLKATA, LORD_HOWE = (ZoneInfo(z) for z in
@@ -178,3 +178,119 @@ def test_windows_agree_with_postgresql_at_time_zone(pg_url, zone, period, sql):
     mismatches = [(ts, (start, end), digest_window(ts, period, tz)) for ts, start, end in rows
                   if digest_window(ts, period, tz) != (start, end)]
     assert mismatches == []
+
+
+# --- daily windows ending at a send time (SPEC §10.1) ---------------------------------------
+
+SYDNEY = ZoneInfo("Australia/Sydney")
+M = timedelta(minutes=1)
+
+SEND_TIME_WINDOWS = [
+    # instant (UTC), zone, send time, expected start (UTC), expected length
+    (utc(2026, 5, 12, 12), AMS, time(7, 30), utc(2026, 5, 12, 5, 30), 24 * H),  # 14:00 CEST
+    (utc(2026, 5, 12, 5), AMS, time(7, 30), utc(2026, 5, 11, 5, 30), 24 * H),  # 07:00: yesterday's window
+    (utc(2026, 5, 12, 5, 30), AMS, time(7, 30), utc(2026, 5, 12, 5, 30), 24 * H),  # the start is inside
+    (utc(2026, 5, 12, 12), AMS, time(0), utc(2026, 5, 11, 22), 24 * H),  # 00:00 is the calendar day
+    (utc(2026, 5, 12, 21, 58), AMS, time(23, 59), utc(2026, 5, 11, 21, 59), 24 * H),
+    # Europe/Amsterdam, spring forward on 29 March (02:00 CET -> 03:00 CEST, 01:00 UTC).
+    (utc(2026, 3, 29, 3), AMS, time(7, 30), utc(2026, 3, 28, 6, 30), 23 * H),
+    (utc(2026, 3, 29, 0, 59), AMS, time(2, 30), utc(2026, 3, 28, 1, 30), 23.5 * H),  # 02:30 is in the gap...
+    (utc(2026, 3, 29, 1), AMS, time(2, 30), utc(2026, 3, 29, 1), 23.5 * H),  # ...so the day starts at 03:00
+    (utc(2026, 3, 29, 1), AMS, time(2), utc(2026, 3, 29, 1), 23 * H),
+    (utc(2026, 3, 29, 0, 30), AMS, time(2), utc(2026, 3, 28, 1), 24 * H),
+    (utc(2026, 3, 29, 1), AMS, time(3), utc(2026, 3, 29, 1), 24 * H),  # 03:00, right after the gap
+    # Europe/Amsterdam, fall back on 25 October (03:00 CEST -> 02:00 CET, 01:00 UTC).
+    (utc(2026, 10, 25, 2), AMS, time(7, 30), utc(2026, 10, 24, 5, 30), 25 * H),
+    (utc(2026, 10, 25, 0, 30), AMS, time(2, 30), utc(2026, 10, 25, 0, 30), 25 * H),  # the first 02:30 counts
+    (utc(2026, 10, 25, 1, 30), AMS, time(2, 30), utc(2026, 10, 25, 0, 30), 25 * H),  # the second is inside
+    (utc(2026, 10, 25, 0, 29), AMS, time(2, 30), utc(2026, 10, 24, 0, 30), 24 * H),
+    (utc(2026, 10, 25, 0, 30), AMS, time(0), utc(2026, 10, 24, 22), 25 * H),
+    # America/New_York, spring forward on 8 March (02:00 EST -> 03:00 EDT, 07:00 UTC).
+    (utc(2026, 3, 8, 6), NYC, time(7, 30), utc(2026, 3, 7, 12, 30), 23 * H),
+    (utc(2026, 3, 8, 6, 59), NYC, time(2, 15), utc(2026, 3, 7, 7, 15), 23.75 * H),
+    (utc(2026, 3, 8, 7), NYC, time(2, 15), utc(2026, 3, 8, 7), 23.25 * H),
+    (utc(2026, 3, 8, 12), NYC, time(0), utc(2026, 3, 8, 5), 23 * H),
+    # America/New_York, fall back on 1 November (02:00 EDT -> 01:00 EST, 06:00 UTC).
+    (utc(2026, 11, 1, 12), NYC, time(7, 30), utc(2026, 10, 31, 11, 30), 25 * H),
+    (utc(2026, 11, 1, 5, 30), NYC, time(1, 30), utc(2026, 11, 1, 5, 30), 25 * H),  # 01:30 EDT
+    (utc(2026, 11, 1, 6, 30), NYC, time(1, 30), utc(2026, 11, 1, 5, 30), 25 * H),  # 01:30 EST, same window
+    # Australia/Sydney, fall back on 5 April (03:00 AEDT -> 02:00 AEST, 16:00 UTC on the 4th).
+    (utc(2026, 4, 4, 12), SYDNEY, time(7, 30), utc(2026, 4, 3, 20, 30), 25 * H),
+    (utc(2026, 4, 4, 15, 30), SYDNEY, time(2, 30), utc(2026, 4, 4, 15, 30), 25 * H),  # 02:30 AEDT
+    (utc(2026, 4, 4, 16, 30), SYDNEY, time(2, 30), utc(2026, 4, 4, 15, 30), 25 * H),  # 02:30 AEST
+    # Australia/Sydney, spring forward on 4 October (02:00 AEST -> 03:00 AEDT, 16:00 UTC on the 3rd).
+    (utc(2026, 10, 3, 12), SYDNEY, time(7, 30), utc(2026, 10, 2, 21, 30), 23 * H),
+    (utc(2026, 10, 3, 15, 59), SYDNEY, time(2, 30), utc(2026, 10, 2, 16, 30), 23.5 * H),
+    (utc(2026, 10, 3, 16), SYDNEY, time(2, 30), utc(2026, 10, 3, 16), 23.5 * H),
+    (utc(2026, 10, 4, 0), SYDNEY, time(0), utc(2026, 10, 3, 14), 23 * H),
+]
+
+
+@pytest.mark.parametrize("instant, tz, send_time, start, length", SEND_TIME_WINDOWS)
+def test_a_daily_window_runs_from_the_send_time_to_the_next_days(instant, tz, send_time, start, length):
+    assert digest_window(instant, "daily", tz, send_time) == (start, start + length)
+
+
+def test_hourly_windows_ignore_the_send_time():
+    instant = utc(2026, 5, 12, 9, 41)
+    assert digest_window(instant, "hourly", AMS, time(7, 30)) == digest_window(instant, "hourly", AMS)
+
+
+TRANSITION_DAYS = [(AMS, date(2026, 3, 29)), (AMS, date(2026, 10, 25)), (NYC, date(2026, 3, 8)),
+            (NYC, date(2026, 11, 1)), (SYDNEY, date(2026, 4, 5)), (SYDNEY, date(2026, 10, 4))]
+
+
+@pytest.mark.parametrize("tz, day", TRANSITION_DAYS, ids=[f"{tz.key}-{day}" for tz, day in TRANSITION_DAYS])
+def test_day_start_is_the_first_instant_of_the_day_showing_the_send_time_or_later(tz, day):
+    """Checked against the definition itself: scan the local day minute by minute."""
+    first_instant = datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC) - 2 * H
+    minutes = [first_instant + n * M for n in range(30 * 60)]
+    for send_time in (time(h, m) for h in range(24) for m in (0, 15, 30, 45)):
+        wall = datetime.combine(day, send_time)
+        expected = next(x for x in minutes if x.astimezone(tz).date() == day
+                        and x.astimezone(tz).replace(tzinfo=None) >= wall)
+        assert day_start(day, send_time, tz) == expected, send_time
+
+
+@pytest.mark.parametrize("send_time", [time(0), time(2), time(2, 30), time(3), time(7, 30), time(23, 30)])
+@pytest.mark.parametrize("zone", ["Europe/Amsterdam", "America/New_York", "Australia/Sydney",
+                                  "Australia/Lord_Howe", "America/Santiago"])
+def test_a_year_of_send_time_windows_tiles_time(zone, send_time):
+    tz = ZoneInfo(zone)
+    days = list(windows_between(utc(2026, 1, 1), utc(2027, 1, 1), "daily", tz, send_time))
+    assert all(a[1] == b[0] for a, b in zip(days, days[1:]))
+    assert all(s == day_start(s.astimezone(tz).date(), send_time, tz) for s, _ in days)
+    assert {e - s for s, e in days} <= {22 * H + k * 15 * M for k in range(4 * 4 + 1)}  # 22 h … 26 h
+    assert sum(e - s == 24 * H for s, e in days) >= len(days) - 4  # only the DST days differ
+
+
+@pytest.mark.parametrize("text, expected", [("07:30", time(7, 30)), ("00:00", time(0)), ("23:59", time(23, 59))])
+def test_parse_send_time_reads_hh_mm(text, expected):
+    assert parse_send_time(text) == expected
+
+
+@pytest.mark.parametrize("text", ["7:30", "24:00", "07:60", "07-30", "0730", " 07:30", "07:3a", "", "٠٧:٣٠"])
+def test_parse_send_time_refuses_anything_else(text):
+    with pytest.raises(ValueError):
+        parse_send_time(text)
+
+
+@pytest.mark.parametrize("user_value, setting, expected", [
+    ("07:30", "00:00", time(7, 30)),
+    (None, "08:15", time(8, 15)),  # no send time of their own: ALERTS_DIGEST_SEND_TIME
+    (None, "00:00", time(0)),
+    ("7.30", "06:00", time(6)),  # a value written before the CHECK existed
+])
+def test_resolve_send_time_prefers_the_users_own(user_value, setting, expected):
+    settings = Settings.from_env({"ALERTS_DIGEST_SEND_TIME": setting})
+    assert resolve_send_time(user_value, settings) == expected
+
+
+@pytest.mark.parametrize("zone, year", [("America/Goose_Bay", 2010), ("America/Havana", 2026),
+                                        ("America/Santiago", 2026), ("Australia/Lord_Howe", 2026)])
+@pytest.mark.parametrize("send_time", [time(0), time(0, 30), time(23, 30)])
+def test_every_instant_lies_in_its_own_window_even_where_clocks_change_at_midnight(zone, year, send_time):
+    tz = ZoneInfo(zone)
+    instants = [utc(year, 1, 1) + n * 37 * M for n in range(365 * 24 * 60 // 37)]
+    windows = [digest_window(x, "daily", tz, send_time) for x in instants]
+    assert all(s <= x < e for x, (s, e) in zip(instants, windows))

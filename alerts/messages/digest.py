@@ -39,7 +39,9 @@ def digest_message_id(digest_key: str) -> str:
 
 
 def window_label(start: datetime, end: datetime, tz: ZoneInfo) -> str:
-    """The window in local time, e.g. "Tuesday 12 May 2026, 00:00–24:00 Europe/Amsterdam".
+    """The window in local time, e.g. "Tuesday 12 May 2026, 00:00–24:00 Europe/Amsterdam",
+    or, for a daily window from a send time that is not midnight, both bounds:
+    "Tue 12 May 08:00 – Wed 13 May 08:00 Europe/Amsterdam".
 
     When the UTC offset changes inside the window, or a local time occurs twice (the
     repeated hour of a fall-back day), both ends carry their offset, and the real length
@@ -47,20 +49,27 @@ def window_label(start: datetime, end: datetime, tz: ZoneInfo) -> str:
     Europe/Amsterdam, 23 h".
     """
     a, b = as_utc(start).astimezone(tz), as_utc(end).astimezone(tz)
-    if b.time() == time(0) and b.date() == a.date() + timedelta(days=1):
-        end_clock = "24:00"
-    elif b.date() == a.date():
-        end_clock = f"{b:%H:%M}"
-    else:
-        end_clock = f"{_day(b)} {b:%H:%M}"
+    marked = a.utcoffset() != b.utcoffset() or _ambiguous(a) or _ambiguous(b)
+    ends_at_midnight = b.time() == time(0) and b.date() == a.date() + timedelta(days=1)
+    if b.date() != a.date() and not ends_at_midnight:
+        # A daily window from a send time that is not midnight (§10.1): both bounds.
+        return f"{_bound(a, marked)} – {_bound(b, marked)} {tz.key}" + _length_note(start, end)
+    end_clock = "24:00" if ends_at_midnight else f"{b:%H:%M}"
     span = f"{a:%H:%M}–{end_clock}"
-    if a.utcoffset() != b.utcoffset() or _ambiguous(a) or _ambiguous(b):
+    if marked:
         span = f"{a:%H:%M} ({_offset(a)})–{end_clock} ({_offset(b)})"
-    label = f"{_day(a)}, {span} {tz.key}"
+    return f"{_day(a)}, {span} {tz.key}" + _length_note(start, end)
+
+
+def _bound(local: datetime, marked: bool) -> str:
+    """One bound of a send-time window, e.g. "Tue 12 May 08:00" (and its offset when marked)."""
+    text = f"{_DAYS[local.weekday()][:3]} {local.day} {_MONTHS[local.month - 1][:3]} {local:%H:%M}"
+    return f"{text} ({_offset(local)})" if marked else text
+
+
+def _length_note(start: datetime, end: datetime) -> str:
     hours = (as_utc(end) - as_utc(start)).total_seconds() / 3600  # not b - a: that is wall time
-    if hours not in (1, 24):
-        label += f", {hours:g} h"
-    return label
+    return "" if hours in (1, 24) else f", {hours:g} h"
 
 
 def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> EmailMessage:

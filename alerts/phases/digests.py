@@ -2,11 +2,13 @@
 
 Set-based, in one transaction, on PostgreSQL and SQLite alike, through three small
 temporary tables:
-1. *pending*: the pending digest deliveries with the user's zone name, period and the
-   event time in epoch seconds — the one pass over the big tables;
-2. *windows*: the windows of every (zone, period, UTC hour) that has pending deliveries,
-   computed in Python by ``alerts.windows`` (the one place that knows about DST); a
-   delivery finds its window by (zone, period, hour) equality plus the exact bounds;
+1. *pending*: the pending digest deliveries with the user's zone name, period, send time
+   (§10.1; daily only) and the event time in epoch seconds — the one pass over the big
+   tables;
+2. *windows*: the windows of every (zone, period, send time, UTC hour) that has pending
+   deliveries, computed in Python by ``alerts.windows`` (the one place that knows about
+   DST); a delivery finds its window by (zone, period, send time, hour) equality plus the
+   exact bounds;
 3. *groups*: the distinct (user, channel, period, window) of the pending deliveries, each
    resolved to the digest its deliveries go into: the window's open digest — locked on
    PostgreSQL so no sender claims it meanwhile (senders claim with SKIP LOCKED and pass
@@ -33,9 +35,10 @@ from alerts.channels.registry import ChannelSet
 from alerts.clock import Clock
 from alerts.config import Settings
 from alerts.db import Database, is_postgres
-from alerts.windows import format_window_start, resolve_timezone, windows_between
+from alerts.windows import format_window_start, resolve_send_time, resolve_timezone, windows_between
 
 BUCKET_SECONDS = 3600  # windows of any zone start and end inside the UTC hours they overlap
+HOURLY_SEND_TIME = "00:00"  # hourly windows have no send time; one value keeps them one set
 
 _scratch = sa.MetaData()
 _pending = sa.Table(
@@ -45,6 +48,7 @@ _pending = sa.Table(
     sa.Column("channel", sa.Text, nullable=False),
     sa.Column("period", sa.Text, nullable=False),
     sa.Column("tz", sa.Text, nullable=False),
+    sa.Column("send_time", sa.Text, nullable=False),  # HH:MM, the user's or ALERTS_DIGEST_SEND_TIME
     sa.Column("ts", sa.Float, nullable=False),  # the event's created_at, epoch seconds
     sa.Column("bucket", sa.BigInteger, nullable=False),  # ts // BUCKET_SECONDS
     prefixes=["TEMPORARY"],
@@ -53,6 +57,7 @@ _windows = sa.Table(
     "digest_build_windows", _scratch,
     sa.Column("tz", sa.Text, nullable=False),
     sa.Column("period", sa.Text, nullable=False),
+    sa.Column("send_time", sa.Text, nullable=False),
     sa.Column("bucket", sa.BigInteger, nullable=False),
     sa.Column("start_epoch", sa.BigInteger, nullable=False),
     sa.Column("end_epoch", sa.BigInteger, nullable=False),
@@ -128,10 +133,13 @@ def _collect_pending(conn: Connection, settings: Settings) -> int:
     """Pending digest deliveries with what places them in a window. Event times go in as
     epoch seconds: exact, and on SQLite independent of how the timestamp text looks."""
     d, u, e, i = m.user_alert_deliveries, m.users, m.alert_events, m.user_alert_digest_items
-    period = sa.case(
-        (sa.and_(u.c.digest_period == m.HOURLY, u.c.plan.in_(sorted(settings.hourly_digest_plans))), m.HOURLY),
-        else_=sa.literal(settings.digest_period),
-    )
+    hourly = sa.and_(u.c.digest_period == m.HOURLY, u.c.plan.in_(sorted(settings.hourly_digest_plans)))
+    period = sa.case((hourly, m.HOURLY), else_=sa.literal(settings.digest_period))
+    if settings.digest_period == m.HOURLY:
+        send_time = sa.literal(HOURLY_SEND_TIME)
+    else:
+        send_time = sa.case((hourly, HOURLY_SEND_TIME),
+                            else_=sa.func.coalesce(u.c.digest_send_time, settings.digest_send_time))
     if is_postgres(conn):
         ts = sa.func.date_part("epoch", e.c.created_at)
         bucket = sa.cast(sa.func.floor(ts / BUCKET_SECONDS), sa.BigInteger)
@@ -140,7 +148,7 @@ def _collect_pending(conn: Connection, settings: Settings) -> int:
         bucket = ts // BUCKET_SECONDS  # integer division; event times are after 1970
     source = (
         sa.select(d.c.id, d.c.user_id, d.c.channel, period, sa.func.coalesce(u.c.timezone, settings.timezone),
-                  ts, bucket)
+                  send_time, ts, bucket)
         .select_from(d.join(u, u.c.id == d.c.user_id).join(e, e.c.id == d.c.alert_event_id))
         .where(*_pending_digest_deliveries(d), ~sa.exists().where(i.c.delivery_id == d.c.id),
                ts.is_not(None))  # SQLite: a time text it cannot read waits, and holds nobody up
@@ -158,15 +166,16 @@ def _sqlite_epoch_seconds(column) -> sa.ColumnElement:
 
 
 def _window_rows(conn: Connection, settings: Settings) -> list[dict]:
-    """Every window overlapping each (zone, period, hour) with pending deliveries; an
-    unknown zone name uses ALERTS_TIMEZONE."""
+    """Every window overlapping each (zone, period, send time, hour) with pending
+    deliveries; an unknown zone name uses ALERTS_TIMEZONE."""
     p = _pending
     rows = []
-    for tz_name, period, bucket in conn.execute(sa.select(p.c.tz, p.c.period, p.c.bucket).distinct()):
+    for tz_name, period, send_time, bucket in conn.execute(
+            sa.select(p.c.tz, p.c.period, p.c.send_time, p.c.bucket).distinct()):
         lo = datetime.fromtimestamp(bucket * BUCKET_SECONDS, timezone.utc)
         for start, end in windows_between(lo, lo + timedelta(seconds=BUCKET_SECONDS), period,
-                                          resolve_timezone(tz_name, settings)):
-            rows.append({"tz": tz_name, "period": period, "bucket": bucket,
+                                          resolve_timezone(tz_name, settings), resolve_send_time(send_time, settings)):
+            rows.append({"tz": tz_name, "period": period, "send_time": send_time, "bucket": bucket,
                          "start_epoch": math.floor(start.timestamp()), "end_epoch": math.floor(end.timestamp()),
                          "window_start": start, "window_end": end, "start_key": format_window_start(start)})
     return rows
@@ -175,7 +184,8 @@ def _window_rows(conn: Connection, settings: Settings) -> list[dict]:
 def _placed() -> sa.Join:
     """Pending deliveries joined to the window their event's created_at falls in."""
     p, w = _pending, _windows
-    return p.join(w, sa.and_(w.c.tz == p.c.tz, w.c.period == p.c.period, w.c.bucket == p.c.bucket,
+    return p.join(w, sa.and_(w.c.tz == p.c.tz, w.c.period == p.c.period, w.c.send_time == p.c.send_time,
+                             w.c.bucket == p.c.bucket,
                              p.c.ts >= w.c.start_epoch, p.c.ts < w.c.end_epoch))
 
 
@@ -210,7 +220,10 @@ def _resolve_existing(conn: Connection) -> None:
         conn.execute(sa.select(sa.func.count()).select_from(locked.subquery()))
     existing = (
         sa.select(grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start,
-                  sa.func.max(sa.case((_open(g), g.c.id))).label("open_id"),
+                  # Same start, other end: another send time's window (two send times in
+                  # one spring-forward gap); its digest is not this window's.
+                  sa.func.max(sa.case((sa.and_(_open(g), g.c.window_end == grp.c.window_end), g.c.id)))
+                  .label("open_id"),
                   sa.func.max(g.c.sequence).label("max_sequence"))
         .select_from(grp.join(g, _same_window(g, grp)))
         .group_by(grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start)
