@@ -1,7 +1,7 @@
 """Benchmark: the event-driven instant path (SPEC §12.1) — from ``alerts.ingest_event``
 being published to the email at an SMTP server, with no beat running.
 
-    python bench/bench_instant.py [--events 200] [--backlog 5000] [--threads 8] [--interval 0.05]
+    python bench/bench_instant.py [--events 200] [--backlog 5000] [--pool threads] [--concurrency 8] [--interval 0.05]
 
 One Celery worker as replit.md recommends for a single machine
 (``-Q alerts,alerts.send --pool threads -c 8 -O fair --without-gossip --without-mingle``),
@@ -75,10 +75,10 @@ class ArrivalServer:
         self.controller.stop()
 
 
-def start_worker(env: dict, threads: int, log_dir: Path) -> subprocess.Popen:
+def start_worker(env: dict, pool: str, concurrency: int, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / "worker.log", "wb")
     args = [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--loglevel=WARNING",
-            "-Q", "alerts,alerts.send", "--pool", "threads", "-c", str(threads), "-O", "fair",
+            "-Q", "alerts,alerts.send", "--pool", pool, "-c", str(concurrency), "-O", "fair",
             "--without-gossip", "--without-mingle", "-n", f"instant-{os.getpid()}@%h"]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -150,7 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200, help="events per scenario")
     parser.add_argument("--backlog", type=int, default=5000, help="due digests draining in the second scenario")
-    parser.add_argument("--threads", type=int, default=8, help="threads of the one worker")
+    parser.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
+    parser.add_argument("--concurrency", type=int, default=8, help="threads (or processes) of the one worker")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between events under the backlog")
     options = parser.parse_args()
 
@@ -173,7 +174,7 @@ def main() -> None:
     try:
         seed(url, options.backlog, 3)
         add_reader(url)
-        worker = start_worker(env, options.threads, log_dir)
+        worker = start_worker(env, options.pool, options.concurrency, log_dir)
         wait_ready(client, 1)
         idle(client, server, 10, first=10 ** 6)  # warm up: connections, imports
         print("[bench] idle", file=sys.stderr)
@@ -190,7 +191,7 @@ def main() -> None:
         broker.flushdb()
     shutil.rmtree(log_dir, ignore_errors=True)
     print(json.dumps({
-        "worker": f"1 worker, -Q alerts,alerts.send --pool threads -c {options.threads}",
+        "worker": f"1 worker, -Q alerts,alerts.send --pool {options.pool} -c {options.concurrency}",
         "idle": summary(idle_latencies, TARGET_P95_SECONDS["idle"]),
         "backlog": {"digests": options.backlog, "events_published": backlog["published"],
                     "digests_left_when_last_event_arrived": backlog["digests_left_when_last_event_arrived"],
