@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from alerts import models as m
 
 DEFAULT_MAX_AGE_SECONDS = 900
+MAX_AGE_LIMIT_SECONDS = 10 * 366 * 86400  # ten years: further back than any row, and a valid date
 KINDS = ("instant", "digests", "stuck_sends")
 
 

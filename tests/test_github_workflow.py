@@ -50,8 +50,8 @@ def test_it_validates_against_githubs_workflow_schema():
 
 @pytest.mark.parametrize("persona", ["regular", "auditor"])
 def test_zizmor_finds_nothing_of_medium_or_high_severity(persona):
-    result = subprocess.run([tool("zizmor"), "--offline", "--no-exit-codes", "--format", "json", f"--persona={persona}", str(WORKFLOW)],
-                            capture_output=True, text=True, timeout=TOOL_TIMEOUT_SECONDS)
+    result = subprocess.run([tool("zizmor"), "--offline", "--no-exit-codes", "--format", "json", f"--persona={persona}",
+                             str(WORKFLOW)], capture_output=True, text=True, timeout=TOOL_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stderr
     findings = json.loads(result.stdout)
     serious = [(f["ident"], f["determinations"]["severity"]) for f in findings

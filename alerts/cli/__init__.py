@@ -12,7 +12,7 @@ import click
 import sqlalchemy as sa
 
 from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
-from alerts.check import DEFAULT_MAX_AGE_SECONDS
+from alerts.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
 from alerts.cli.run import run
 from alerts.db import Database, migrate as migrate_db
 
@@ -78,8 +78,9 @@ def status(as_json: bool, now_text: str | None) -> None:
 
 
 @cli.command()
-@click.option("--max-age", "max_age", type=click.IntRange(min=1), default=DEFAULT_MAX_AGE_SECONDS, show_default=True,
-              metavar="SECONDS", help="A queued row due for longer than this is a problem.")
+@click.option("--max-age", "max_age", type=click.IntRange(min=1, max=MAX_AGE_LIMIT_SECONDS),
+              default=DEFAULT_MAX_AGE_SECONDS, show_default=True, metavar="SECONDS",
+              help="A queued row due for longer than this is a problem.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @clock_option("Judge as if at this instant.")
 def check(max_age: int, as_json: bool, now_text: str | None) -> None:
