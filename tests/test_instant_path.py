@@ -6,6 +6,8 @@ and ``drain`` plays the worker (see tests/test_tasks.py).
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import sqlalchemy as sa
 from celery.signals import task_retry
@@ -150,3 +152,27 @@ def test_an_event_stored_otherwise_is_picked_up_where_it_stands(app, conn, broke
     assert result["stored"] is False
     assert result["status"] == "fanned_out"
     assert result["enqueued"] == (0 if status == "fanned_out" else 1)
+
+
+def test_an_event_phase_a_is_judging_elsewhere_is_judged_once_and_then_fanned_out(app, conn, broker, pg_url):
+    """Phase A elsewhere has locked the new event to judge it: the task waits for that
+    verdict instead of judging the event a second time, then fans it out."""
+    add_pref(conn, add_user(conn))
+    conn.execute(sa.insert(m.alert_events).values(**EVENT))
+    e = m.alert_events
+    engine = make_engine(pg_url)
+    result: dict = {}
+    task = threading.Thread(target=lambda: result.update(ingest(app)))
+    try:
+        with engine.connect() as phase_a, phase_a.begin():
+            phase_a.execute(sa.select(e.c.id).where(e.c.status == "new").with_for_update())
+            task.start()
+            task.join(1.0)
+            assert task.is_alive(), "the task waits for the row"
+            phase_a.execute(sa.update(e).values(status="ready", title="judged by phase A"))
+        task.join(30)
+    finally:
+        engine.dispose()
+    assert not task.is_alive()
+    assert (result["status"], result["enqueued"]) == ("fanned_out", 1)
+    assert conn.execute(sa.select(e.c.title)).scalar_one() == "judged by phase A"
