@@ -8,6 +8,9 @@ claim taken ten minutes into a run is stamped ten minutes after ``--now``, and a
 never dated back into the past, where another process's lease recovery, judging it by
 its own clock, would take it for abandoned and send it again (found by the soak).
 
+A clock may carry the run's time limit (``--max-seconds``, SPEC §12.2): ``out_of_time()``
+says when it has passed, and the phases stop starting new work then.
+
 Tests pass a clock whose ``monotonic`` they advance by hand instead of sleeping.
 """
 from __future__ import annotations
@@ -20,12 +23,14 @@ UTC = timezone.utc
 
 
 class Clock:
-    def __init__(self, start: datetime | None = None, *, monotonic: Callable[[], float] = time.monotonic):
+    def __init__(self, start: datetime | None = None, *, monotonic: Callable[[], float] = time.monotonic,
+                 limit_seconds: float | None = None):
         if start is not None and start.tzinfo is None:
             raise ValueError("a clock starts at a timezone-aware instant")
         self.start = (start or datetime.now(UTC)).astimezone(UTC)
         self._monotonic = monotonic
         self._origin = monotonic()
+        self.limit_seconds = limit_seconds
 
     def now(self) -> datetime:
         return self.start + timedelta(seconds=self.elapsed())
@@ -33,6 +38,10 @@ class Clock:
     def elapsed(self) -> float:
         """Seconds since the clock was made."""
         return self._monotonic() - self._origin
+
+    def out_of_time(self) -> bool:
+        """True once ``limit_seconds`` have passed since the clock was made; never without a limit."""
+        return self.limit_seconds is not None and self.elapsed() >= self.limit_seconds
 
     def __repr__(self) -> str:
         return f"Clock(start={self.start.isoformat()}, elapsed={self.elapsed():.3f}s)"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -30,21 +30,30 @@ log = logging.getLogger(__name__)
 # Rows marked and published per transaction: small enough that a crash between commit
 # and publish strands few rows (until ``reenqueue_after``), large enough to be cheap.
 ENQUEUE_CHUNK = 2000
+# How many of one event's instant sends the event-driven path puts on the phase queue,
+# ahead of any backlog in the send queue; the rest of a large fan-out goes the usual way.
+FIRST_CHUNK = 100
 
 
 def publish_due(app, db: Database, outbox: Outbox, task_name: str, now: datetime, settings: Settings,
-                pass_on: str | None = None) -> int:
+                pass_on: str | None = None, where: Sequence[sa.ColumnElement] = (),
+                first_chunk_queue: str | None = None) -> int:
     """Publish a ``task_name`` task for each row of ``outbox`` due at ``now`` that needs
-    one, over one producer connection, each chunk after its marks are committed.
-    ``pass_on`` is handed to the send tasks as their ``now``."""
+    one (and matches ``where``), over one producer connection, each chunk after its
+    marks are committed. ``pass_on`` is handed to the send tasks as their ``now``.
+    ``first_chunk_queue``: the tasks of the first chunk (``FIRST_CHUNK`` rows) go to this
+    queue instead of the task's own (the event-driven path, alerts/instant_path.py)."""
     send_task = app.tasks[task_name]  # of this app, whatever thread we are in
     extra = {"now": pass_on} if pass_on else {}
+    queues = iter([{"queue": first_chunk_queue}] if first_chunk_queue else [])
     with app.producer_or_acquire() as producer:
         def publish(ids: list[int]) -> None:
+            route = next(queues, {})
             for row_id in ids:
-                send_task.apply_async((row_id,), extra, producer=producer)
+                send_task.apply_async((row_id,), extra, producer=producer, **route)
 
-        return enqueue_due(db, outbox, now, _reenqueue_after(app, task_name, settings), publish)
+        return enqueue_due(db, outbox, now, _reenqueue_after(app, task_name, settings), publish, where=where,
+                           chunk=FIRST_CHUNK if first_chunk_queue else ENQUEUE_CHUNK)
 
 
 def _reenqueue_after(app, task_name: str, settings: Settings) -> timedelta:
@@ -65,12 +74,13 @@ def _reenqueue_after(app, task_name: str, settings: Settings) -> timedelta:
 
 
 def enqueue_due(db: Database, outbox: Outbox, now: datetime, reenqueue_after: timedelta,
-                publish: Callable[[list[int]], None], chunk: int = ENQUEUE_CHUNK) -> int:
+                publish: Callable[[list[int]], None], chunk: int = ENQUEUE_CHUNK,
+                where: Sequence[sa.ColumnElement] = ()) -> int:
     """Mark due rows a chunk at a time, commit, then ``publish(ids)``. Returns the count."""
     total, after = 0, 0
     while True:
         with db.transaction() as conn:
-            ids = mark_due(conn, outbox, now, reenqueue_after, chunk, after_id=after)
+            ids = mark_due(conn, outbox, now, reenqueue_after, chunk, after_id=after, where=where)
         if not ids:
             return total
         try:
@@ -83,14 +93,14 @@ def enqueue_due(db: Database, outbox: Outbox, now: datetime, reenqueue_after: ti
 
 
 def mark_due(conn: Connection, outbox: Outbox, now: datetime, reenqueue_after: timedelta, limit: int,
-             after_id: int = 0) -> list[int]:
-    """Set ``enqueued_at = now`` on up to ``limit`` due rows (ids above ``after_id``)
-    that need a task; return their ids in order."""
+             after_id: int = 0, where: Sequence[sa.ColumnElement] = ()) -> list[int]:
+    """Set ``enqueued_at = now`` on up to ``limit`` due rows (ids above ``after_id``, and
+    matching ``where``) that need a task; return their ids in order."""
     t = outbox.table
     needs_task = sa.or_(t.c.enqueued_at.is_(None), t.c.enqueued_at <= now - reenqueue_after,
                         t.c.enqueued_at < t.c.next_retry_at)
     pick = (sa.select(t.c.id)
-            .where(t.c.status == m.QUEUED, t.c.id > after_id, *outbox.due(now), needs_task)
+            .where(t.c.status == m.QUEUED, t.c.id > after_id, *outbox.due(now), needs_task, *where)
             .order_by(t.c.id).limit(limit))
     if is_postgres(conn):
         pick = pick.with_for_update(skip_locked=True)  # rows being claimed right now: next time

@@ -31,11 +31,16 @@ def expand(phase: str) -> tuple[str, ...]:
 
 def run_phases(db: Database, phases: tuple[str, ...], clock: Clock, settings: Settings,
                channels: ChannelSet) -> dict:
-    """Run the named phases in order; a phase whose lock is taken reports {"locked": true}.
+    """Run the named phases in order; a phase whose lock is taken reports {"locked": true},
+    one not started because the clock's time limit had passed {"not_started": true}.
     The clock runs on through the run: a phase that starts a minute after the run did
     sees a minute later (see alerts.clock)."""
     results = {}
     for name in phases:
+        if clock.out_of_time():  # --max-seconds: later phases are not started
+            log.warning("time limit of %ss reached: phase %s not started", clock.limit_seconds, name)
+            results[name] = {"not_started": True}
+            continue
         with db.phase_lock(name) as got_lock:
             if not got_lock:
                 log.info("phase %s: another run holds the lock; skipping", name)

@@ -20,13 +20,12 @@ import redis.exceptions
 import sqlalchemy as sa
 from celery import Task, shared_task
 
-from alerts import dispatch
+from alerts import dispatch, instant_path
 from alerts.clock import Clock, parse_instant
 from alerts.config import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS
 from alerts.outbox import DIGESTS, INSTANT, Outbox
 from alerts.phases.send import recover_stale as recover_rows, send_one
 from alerts.pipeline import ALL, run_phases
-from alerts.producers import ingest_event as store_event
 from alerts.worker import state
 
 log = logging.getLogger(__name__)
@@ -67,12 +66,12 @@ def _run(letters: str, clock: Clock) -> dict:
     return results
 
 
-def _publish(task: Task, outbox: Outbox, send_task: str, clock: Clock, now: str | None) -> int:
+def _publish(task: Task, outbox: Outbox, send_task: str, clock: Clock, now: str | None, **options) -> int:
     """Send tasks for ``outbox``'s rows due by the task's clock. A task given ``now``
     hands its clock's time on to them, so a test or a replay runs on one timeline."""
     at = clock.now()
     return dispatch.publish_due(task.app, state.db(), outbox, send_task, at, state.settings,
-                                pass_on=at.isoformat() if now else None)
+                                pass_on=at.isoformat() if now else None, **options)
 
 
 # --- phases ------------------------------------------------------------------------------
@@ -121,10 +120,18 @@ def recover_stale(self, now: str | None = None) -> dict:
     return {"recovered": recovered, "enqueued": enqueued}
 
 
-@shared_task(name="alerts.ingest_event", base=AlertsTask)
-def ingest_event(event: dict) -> dict:
-    """Store one event (a repeated event_key is a no-op); intake validates it later."""
-    return {"stored": store_event(state.db(), event)}
+@shared_task(name="alerts.ingest_event", base=AlertsTask, bind=True)
+def ingest_event(self, event: dict, now: str | None = None) -> dict:
+    """Store one event (a repeated event_key is a no-op), then judge it, fan it out and
+    publish its due instant sends at once (alerts/instant_path.py)."""
+    clock = clock_for(now)
+    result = instant_path.store_and_fan_out(state.db(), event, clock, state.settings)
+    if result["status"] == "ready" and self.request.retries < instant_path.PENDING_RETRIES:
+        raise self.retry(countdown=instant_path.PENDING_RETRY_SECONDS, max_retries=instant_path.PENDING_RETRIES)
+    result["enqueued"] = _publish(self, INSTANT, "alerts.send_delivery", clock, now,
+                                  where=instant_path.deliveries_of(result["event_id"]),
+                                  first_chunk_queue=self.app.conf.task_default_queue)
+    return result
 
 
 # --- sends -------------------------------------------------------------------------------

@@ -664,8 +664,8 @@ def test_ingest_event_stores_an_event_once(app, conn):
              "title": "TTF day-ahead +18%"}
     ingest = app.tasks["alerts.ingest_event"]
 
-    assert ingest.apply((event,)).get() == {"stored": True}
-    assert ingest.apply((dict(event, title="changed"),)).get() == {"stored": False}
+    assert ingest.apply((event,)).get()["stored"] is True
+    assert ingest.apply((dict(event, title="changed"),)).get()["stored"] is False
     assert conn.execute(sa.select(m.alert_events.c.title)).scalars().all() == ["TTF day-ahead +18%"]
 
 

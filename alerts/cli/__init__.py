@@ -1,4 +1,4 @@
-"""The ``alerts`` console script: migrate, run, ingest, status, preview, retry, demo.
+"""The ``alerts`` console script: migrate, run, ingest, status, check, preview, retry, demo.
 
 Each command is a thin shell: it reads the settings, opens the engine, makes the clock
 and calls the module that does the work. ``common`` holds what they share.
@@ -12,6 +12,7 @@ import click
 import sqlalchemy as sa
 
 from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
+from alerts.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
 from alerts.db import Database, migrate as migrate_db
@@ -76,6 +77,32 @@ def status(as_json: bool, now_text: str | None) -> None:
     finally:
         engine.dispose()
     click.echo(json.dumps(report, default=str, indent=2) if as_json else render(report))
+
+
+@cli.command()
+@click.option("--max-age", "max_age", type=click.IntRange(min=1, max=MAX_AGE_LIMIT_SECONDS),
+              default=DEFAULT_MAX_AGE_SECONDS, show_default=True, metavar="SECONDS",
+              help="A queued row due for longer than this is a problem.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@clock_option("Judge as if at this instant.")
+def check(max_age: int, as_json: bool, now_text: str | None) -> None:
+    """For monitors: exit 0 and `ok`, or exit 1 and one line per kind of problem."""
+    from alerts.check import describe, find_problems
+
+    settings = load_settings()
+    engine = open_engine(settings)
+    try:
+        problems = find_problems(engine, instant(now_text), max_age, settings.sending_lease_seconds)
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "max_age_seconds": max_age,
+                               "lease_seconds": settings.sending_lease_seconds, "problems": problems}))
+    else:
+        for line in [describe(p, max_age, settings.sending_lease_seconds) for p in problems] or ["ok"]:
+            click.echo(line)
+    if problems:
+        sys.exit(1)
 
 
 @cli.command()

@@ -21,9 +21,10 @@ log = logging.getLogger("alerts.runner")
 PHASE_CHOICE = click.Choice(["a", "b", "c", "d", "all"], case_sensitive=False)
 
 
-def execute(phase: str, now_text: str | None, dry_run: bool, as_json: bool) -> dict:
+def execute(phase: str, now_text: str | None, dry_run: bool, as_json: bool, max_seconds: int | None = None) -> dict:
+    clock = make_clock(now_text)  # first: --max-seconds counts from the runner's start
+    clock.limit_seconds = max_seconds
     settings = load_settings()
-    clock = make_clock(now_text)
     engine = open_engine(settings)
     try:
         with session(engine, settings, dry_run=dry_run) as (db, channels):
@@ -68,6 +69,8 @@ def emit(results: dict, as_json: bool, dry_run: bool) -> None:
 def _flat(counts: dict) -> str:
     if counts.get("locked"):
         return "locked (another run holds this phase)"
+    if counts.get("not_started"):
+        return "not started (--max-seconds reached)"
     return ", ".join(
         f"{key}: {_flat(value) if isinstance(value, dict) else value}" for key, value in counts.items()
     )
@@ -80,7 +83,10 @@ def _flat(counts: dict) -> str:
 @click.option("--dry-run", is_flag=True, help="Do everything in a transaction that is rolled back; send nothing.")
 @clock_option("Run as if at this instant (with offset), e.g. 2026-05-13T00:01:00+00:00.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run(phase: str, now_text: str | None, dry_run: bool, as_json: bool, verbose: bool) -> None:
+@click.option("--max-seconds", type=click.IntRange(min=1), metavar="N",
+              help="After N seconds start no new send and no later phase; unsent claims go back to queued.")
+def run(phase: str, now_text: str | None, dry_run: bool, as_json: bool, verbose: bool,
+        max_seconds: int | None) -> None:
     """Run pipeline phases once (cron-safe)."""
     setup_logging(verbose)
-    execute(phase.lower(), now_text, dry_run, as_json)
+    execute(phase.lower(), now_text, dry_run, as_json, max_seconds)

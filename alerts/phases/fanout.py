@@ -41,29 +41,36 @@ _events = sa.Table(
 )
 
 
-def run_phase_b(db: Database, clock: Clock, settings: Settings, channels: ChannelSet) -> dict:
-    """Fan out every ready event. The caller holds the phase lock."""
+def run_phase_b(db: Database, clock: Clock, settings: Settings, channels: ChannelSet, *,
+                event_id: int | None = None) -> dict:
+    """Fan out every ready event (the caller holds the phase lock), or only ``event_id``
+    (the event-driven path: no lock needed, SKIP LOCKED keeps a concurrent phase B off it)."""
     counts = {"events_fanned_out": 0, "deliveries_created": 0}
     now = clock.now()
     with db.transaction() as conn:
-        if not _has_ready(conn):  # the usual case on a frequent schedule: no DDL at all
+        if not _has_ready(conn, event_id):  # the usual case on a frequent schedule: no DDL at all
             return counts
         _events.create(conn)
-        if _take_ready(conn):
+        if _take_ready(conn, event_id):
             counts["deliveries_created"] = conn.execute(_insert_deliveries(conn, now)).rowcount
             counts["events_fanned_out"] = _mark_fanned_out(conn)
         _events.drop(conn)
     return counts
 
 
-def _has_ready(conn: Connection) -> bool:
-    e = m.alert_events
-    return conn.execute(sa.select(e.c.id).where(e.c.status == "ready").limit(1)).first() is not None
+def _only(event_id: int | None) -> list[sa.ColumnElement]:
+    return [] if event_id is None else [m.alert_events.c.id == event_id]
 
 
-def _take_ready(conn: Connection) -> int:
+def _has_ready(conn: Connection, event_id: int | None = None) -> bool:
     e = m.alert_events
-    ready = sa.select(e.c.id, e.c.alert_type, e.c.region, e.c.severity).where(e.c.status == "ready")
+    return conn.execute(sa.select(e.c.id).where(e.c.status == "ready", *_only(event_id)).limit(1)).first() is not None
+
+
+def _take_ready(conn: Connection, event_id: int | None = None) -> int:
+    e = m.alert_events
+    ready = (sa.select(e.c.id, e.c.alert_type, e.c.region, e.c.severity)
+             .where(e.c.status == "ready", *_only(event_id)))
     if is_postgres(conn):
         ready = ready.with_for_update(skip_locked=True)
     taken = conn.execute(sa.insert(_events).from_select(["id", "alert_type", "region", "severity"], ready)).rowcount

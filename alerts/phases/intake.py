@@ -205,7 +205,7 @@ def _next_batch(conn: Connection, after: int) -> list[dict]:
     between judging it and applying the verdict."""
     e = m.alert_events
     query = (
-        sa.select(e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.url, e.c.severity)
+        sa.select(*_judged_columns())
         .where(e.c.status == "new", e.c.id > after)
         .order_by(e.c.id)
         .limit(BATCH_SIZE)
@@ -213,6 +213,12 @@ def _next_batch(conn: Connection, after: int) -> list[dict]:
     if is_postgres(conn):
         query = query.with_for_update()
     return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _judged_columns() -> list[sa.Column]:
+    """What the rules read (``validate_event``, ``normalise``): all a batch or one event loads."""
+    e = m.alert_events
+    return [e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.url, e.c.severity]
 
 
 def _verdict(row: dict) -> dict:
@@ -237,3 +243,23 @@ def _apply(conn: Connection) -> tuple[int, int]:
         .values(status="rejected", reject_reason=v.c.reject_reason)
     ).rowcount
     return accepted, rejected
+
+
+# --- one event (the event-driven path, SPEC §12.1) -----------------------------------------
+
+def intake_event(conn: Connection, event_id: int) -> str | None:
+    """Judge one event if it is still ``new``: its new status (``ready`` or ``rejected``),
+    or None when it was not new. Needs no phase lock: the row is locked (PostgreSQL) or
+    the database has one writer (SQLite), and the update applies only to a ``new`` row,
+    so this and a concurrent Phase A judge the event once between them."""
+    e = m.alert_events
+    query = sa.select(*_judged_columns()).where(e.c.id == event_id, e.c.status == "new")
+    if is_postgres(conn):
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    reason = validate_event(row)
+    values = {"status": "rejected", "reject_reason": reason} if reason else {"status": "ready", **normalise(row)}
+    conn.execute(sa.update(e).where(e.c.id == event_id, e.c.status == "new").values(**values))
+    return values["status"]

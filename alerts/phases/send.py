@@ -72,9 +72,12 @@ def send_due(db: Database, outbox: Outbox, clock: Clock, settings: Settings, cha
              rng: random.Random | None = None) -> SendCounts:
     """Claim due rows a batch at a time and send them until none are due."""
     counts = SendCounts()
-    while outcomes := send_claimed(db, outbox, clock, settings, channels, limit=settings.send_batch_size, rng=rng):
+    while not clock.out_of_time() and (
+            outcomes := send_claimed(db, outbox, clock, settings, channels, limit=settings.send_batch_size, rng=rng)):
         for outcome in outcomes:
             counts.add(outcome)
+    if clock.out_of_time():
+        log.warning("time limit of %ss reached: no more %s sends in this run", clock.limit_seconds, outbox.name)
     return counts
 
 
@@ -93,14 +96,16 @@ def send_claimed(db: Database, outbox: Outbox, clock: Clock, settings: Settings,
 
     A batch whose sends outlast half the lease (a slow provider) gives its unsent rows
     back: the next claim takes them afresh, so no claim of ours ever ages into another
-    process's lease recovery — and is sent twice — while we still hold it.
+    process's lease recovery — and is sent twice — while we still hold it. So does a run
+    whose time limit has passed (``--max-seconds``): the send in progress is finished and
+    recorded, the rest go back to ``queued`` as they were.
     """
     jobs = _claim_and_load(db, outbox, clock, settings, channels, limit, row_id)
     give_back_at = clock.now() + timedelta(seconds=settings.sending_lease_seconds / 2)
     gone: dict[tuple[int, str, str | None], str] = {}  # destinations blocked during this batch
     outcomes = []
     for n, job in enumerate(jobs):
-        if n and clock.now() > give_back_at:
+        if (n and clock.now() > give_back_at) or clock.out_of_time():
             _release(db, outbox, [j.claim for j in jobs[n:]])
             break
         if (reason := gone.get(_destination(job))) is not None and not job.skip_reason:
