@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
 from alerts.cli.run import run
+from alerts.cli.web import web
 from alerts.db import Database, migrate as migrate_db
 
 
@@ -32,6 +33,7 @@ def migrate() -> None:
 
 
 cli.add_command(run)
+cli.add_command(web)
 
 
 @cli.command()
