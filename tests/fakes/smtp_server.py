@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import email
 import threading
+import time
 from dataclasses import dataclass, field
 from email import policy
 from functools import cached_property
@@ -33,6 +34,7 @@ class ReceivedMail:
     data: bytes
     peer: tuple | None = None
     tls: bool = False  # arrived over TLS (STARTTLS or implicit)
+    received_at: float = field(default_factory=time.time)  # when DATA was accepted (time.time())
 
     @cached_property
     def message(self) -> email.message.EmailMessage:
