@@ -20,6 +20,7 @@ library compares signatures in constant time.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class BadToken(ValueError):
 
 
 def _serializer(secret_key: str) -> itsdangerous.URLSafeSerializer:
-    return itsdangerous.URLSafeSerializer(secret_key, salt=SALT)
+    return itsdangerous.URLSafeSerializer(secret_key, salt=SALT, signer_kwargs={"digest_method": hashlib.sha256})
 
 
 def make_token(secret_key: str, user_id: int, channel: str) -> str:
