@@ -16,7 +16,10 @@ library compares signatures in constant time.
    none enabled — this also catches rows a concurrent fan-out created from preferences
    it read just before the commit;
 3. rows already ``sending`` when it commits are in flight: ``wait_in_flight`` waits (a
-   bounded time) for their outcome before the web app answers.
+   bounded time) for their outcome before the web app answers 200. When one is still in
+   flight after that (a sender died mid-send; its row waits for the lease), the answer
+   is 503 with Retry-After instead — the unsubscribe is committed, and the 200 comes
+   once no send can still arrive.
 """
 from __future__ import annotations
 
@@ -151,11 +154,12 @@ def in_flight(conn: Connection, user_id: int, channel: str) -> int:
     return total
 
 
-def wait_in_flight(engine: Engine, user_id: int, channel: str, *, timeout: float = IN_FLIGHT_WAIT_SECONDS,
+def wait_in_flight(engine: Engine, user_id: int, channel: str, *, timeout: float | None = None,
                    sleep: Callable[[float], None] = time.sleep) -> bool:
     """After ``unsubscribe`` committed: wait until no send of the user's on the channel is
     in flight, then skip once more whatever came back to ``queued`` meanwhile (a send
     that failed transiently). True when nothing was left in flight."""
+    timeout = IN_FLIGHT_WAIT_SECONDS if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while True:
         with engine.connect() as conn:
@@ -166,6 +170,6 @@ def wait_in_flight(engine: Engine, user_id: int, channel: str, *, timeout: float
     with engine.begin() as conn:
         skip_queued(conn, user_id, channel)
     if left:
-        log.warning("unsubscribe of user %s on %s: %s send(s) still in flight after %.0fs", user_id, channel,
+        log.warning("unsubscribe of user %s on %s: %s send(s) still in flight after %.1fs", user_id, channel,
                     left, timeout)
     return not left

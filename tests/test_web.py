@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import replace
 from datetime import timedelta
 from html.parser import HTMLParser
@@ -185,6 +186,45 @@ def test_a_post_without_the_one_click_field_changes_nothing(client, engine, user
     for body in ({}, {"List-Unsubscribe": "yes"}, {"action": "delete"}):
         assert client.post(f"/unsubscribe/{token(user)}", data=body).status_code == 400
     assert dump(engine) == before
+
+
+def test_a_send_still_in_flight_makes_it_503_until_nothing_can_arrive_after_the_200(client, engine, user,
+                                                                                  monkeypatch, caplog):
+    monkeypatch.setattr(unsub, "IN_FLIGHT_WAIT_SECONDS", 0.3)
+    with engine.begin() as conn:
+        stuck = add_delivery(conn, user, add_event(conn, status="fanned_out"), status="sending", attempts=1)
+        queued = add_delivery(conn, user, add_event(conn, status="fanned_out"))
+    response = client.post(f"/unsubscribe/{token(user)}", data=ONE_CLICK)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "60"
+    assert "unsubscribe is recorded" in Page(response.get_data(as_text=True)).words
+    assert set(prefs(engine, user).values()) == {False, True}, "email off, telegram untouched"
+    assert not any(enabled for (channel, _), enabled in prefs(engine, user).items() if channel == "email")
+    assert state(engine, m.user_alert_deliveries, queued) == ("skipped", "unsubscribed")
+    assert "still in flight" in caplog.text
+    with engine.begin() as conn:  # the sender records its outcome
+        conn.execute(sa.update(m.user_alert_deliveries).where(m.user_alert_deliveries.c.id == stuck)
+                     .values(status="sent"))
+    assert client.post(f"/unsubscribe/{token(user)}", data=ONE_CLICK).status_code == 200
+
+
+def test_a_send_that_fails_while_the_post_waits_is_skipped_before_the_200(client, engine, user):
+    """The in-flight row comes back to queued (a transient failure) while the POST waits:
+    it is skipped before the POST answers, never retried."""
+    with engine.begin() as conn:
+        stuck = add_delivery(conn, user, add_event(conn, status="fanned_out"), status="sending", attempts=1)
+
+    def sender_gives_up():
+        with engine.begin() as conn:
+            conn.execute(sa.update(m.user_alert_deliveries).where(m.user_alert_deliveries.c.id == stuck)
+                         .values(status="queued"))
+
+    sender = threading.Timer(0.3, sender_gives_up)
+    sender.start()
+    try:
+        assert client.post(f"/unsubscribe/{token(user)}", data=ONE_CLICK).status_code == 200
+    finally:
+        sender.join(10)
+    assert state(engine, m.user_alert_deliveries, stuck) == ("skipped", "unsubscribed")
 
 
 # --- security -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # Forms here are one or two short fields; anything larger is refused (413) unread.
 MAX_BODY_BYTES = 4096
 DB_CONNECT_TIMEOUT_SECONDS = 5
+IN_FLIGHT_RETRY_AFTER_SECONDS = 60
 CHANNEL_LABELS = {"email": "email", "telegram": "Telegram", "sms": "SMS"}
 ONE_CLICK = ("List-Unsubscribe", "One-Click")
 _TOKEN_IN_PATH = re.compile(r"(/unsubscribe/)[^/?\s]*")
@@ -108,8 +109,14 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
             abort(400)
         with engine.begin() as conn:
             counts = unsub.unsubscribe(conn, who.user_id, who.channel)
-        unsub.wait_in_flight(engine, who.user_id, who.channel)
         log.info("user %s unsubscribed on %s: %s", who.user_id, who.channel, counts)
+        if not unsub.wait_in_flight(engine, who.user_id, who.channel):
+            # Committed, but a message of theirs may still be on its way: no 200 until
+            # nothing can arrive after it (SPEC §11.2). Repeating the POST is harmless.
+            body = render_template("error.html", heading="Almost done", message=(
+                "Your unsubscribe is recorded. A message that was already being sent may still arrive; "
+                "nothing after it will. Please try again in a minute to confirm."))
+            return body, 503, {"Retry-After": str(IN_FLIGHT_RETRY_AFTER_SECONDS)}
         return page("unsubscribed.html", who)
 
     @app.get("/healthz")
