@@ -200,6 +200,7 @@ def test_a_send_still_in_flight_makes_it_503_until_nothing_can_arrive_after_the_
     assert set(prefs(engine, user).values()) == {False, True}, "email off, telegram untouched"
     assert not any(enabled for (channel, _), enabled in prefs(engine, user).items() if channel == "email")
     assert state(engine, m.user_alert_deliveries, queued) == ("skipped", "unsubscribed")
+    assert state(engine, m.user_alert_deliveries, stuck) == ("sending", None), "a send in flight is left to its sender"
     assert "still in flight" in caplog.text
     with engine.begin() as conn:  # the sender records its outcome
         conn.execute(sa.update(m.user_alert_deliveries).where(m.user_alert_deliveries.c.id == stuck)
@@ -333,3 +334,17 @@ def test_alerts_web_exits_2_on_an_unmigrated_database(tmp_path):
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}", "ALERTS_SECRET_KEY": KEY}
     result = CliRunner().invoke(cli, ["web", "--port", "1"], env=env)
     assert result.exit_code == 2 and "alerts migrate" in result.output
+
+
+def test_the_wsgi_app_is_built_from_the_environment_on_first_use(monkeypatch, sqlite_url):
+    import alerts.web
+
+    monkeypatch.setattr(alerts.web, "_app", None)
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    monkeypatch.delenv("ALERTS_SECRET_KEY", raising=False)
+    monkeypatch.delenv("ALERTS_PUBLIC_URL", raising=False)
+    with pytest.raises(ConfigError) as info:
+        alerts.web.app  # what gunicorn alerts.web:app does
+    assert info.value.variable == "ALERTS_SECRET_KEY"
+    monkeypatch.setenv("ALERTS_SECRET_KEY", KEY)
+    assert alerts.web.app.test_client().get("/healthz").get_json() == {"database": "ok"}
