@@ -101,7 +101,8 @@ def test_an_address_is_masked(channel, address, shown):
 
 # --- settings -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["alerts.example.com", "ftp://alerts.example.com", "javascript:alert(1)", "https://"])
+@pytest.mark.parametrize("value", ["alerts.example.com", "ftp://alerts.example.com", "javascript:alert(1)", "https://",
+                                   "https://alerts.example.com/?a=1", "https://alerts.example.com/#top"])
 def test_a_public_url_that_is_not_absolute_http_is_refused_by_name(value):
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"ALERTS_PUBLIC_URL": value, "ALERTS_SECRET_KEY": KEY})
