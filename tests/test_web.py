@@ -120,6 +120,13 @@ def test_a_telegram_token_shows_the_telegram_page(client, user):
     assert "Telegram" in page.words and "***89" in page.words and "123456789" not in page.words
 
 
+def test_an_address_that_holds_markup_is_escaped(client, engine):
+    with engine.begin() as conn:
+        uid = add_user(conn, email="a@<script>alert(1)</script>.example")
+    html = client.get(f"/unsubscribe/{token(uid)}").get_data(as_text=True)
+    assert "<script>" not in html and "a***@&lt;script&gt;alert(1)&lt;/script&gt;.example" in html
+
+
 def test_pages_send_headers_that_keep_the_token_in(client, user):
     response = client.get(f"/unsubscribe/{token(user)}")
     assert response.headers["Referrer-Policy"] == "no-referrer"
