@@ -34,6 +34,7 @@ DB_CONNECT_TIMEOUT_SECONDS = 5
 IN_FLIGHT_RETRY_AFTER_SECONDS = 60
 CHANNEL_LABELS = {"email": "email", "telegram": "Telegram", "sms": "SMS"}
 ONE_CLICK = ("List-Unsubscribe", "One-Click")
+INVALID_LINK = "This unsubscribe link is not valid. Please use the link from one of our emails as it is."
 _TOKEN_IN_PATH = re.compile(r"(/unsubscribe/)[^/?\s]*")
 SECURITY_HEADERS = {
     # No scripts, no third-party anything; inline styles only; forms post to ourselves.
@@ -75,22 +76,21 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
     app = _App(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, MAX_FORM_MEMORY_SIZE=MAX_BODY_BYTES)
     app.jinja_env.autoescape = True  # every template, whatever its name
-    app.extensions["alerts"] = {"engine": engine, "secret_key": secret_key}
 
     def subscriber(token: str) -> unsub.Subscriber:
         try:
             user_id, channel = unsub.read_token(secret_key, token)
         except unsub.BadToken:
-            abort(400)
+            abort(400, INVALID_LINK)
         with engine.connect() as conn:
             found = unsub.find(conn, user_id, channel)
         if found is None:  # a valid token of a user since deleted: nothing to change
-            abort(400)
+            abort(400, INVALID_LINK)
         return found
 
-    def page(template: str, who: unsub.Subscriber, status: int = 200):
+    def page(template: str, who: unsub.Subscriber) -> str:
         return render_template(template, channel_label=CHANNEL_LABELS[who.channel], subscribed=who.subscribed,
-                               address=unsub.mask_address(who.channel, who.address)), status
+                               address=unsub.mask_address(who.channel, who.address))
 
     @app.get("/unsubscribe/<token>")
     def unsubscribe_page(token: str):
@@ -106,7 +106,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
             log.info("user %s resubscribed on %s", who.user_id, who.channel)
             return page("resubscribed.html", who)
         if form.get(ONE_CLICK[0]) != ONE_CLICK[1]:
-            abort(400)
+            abort(400, "An unsubscribe is a POST of List-Unsubscribe=One-Click (or action=resubscribe).")
         with engine.begin() as conn:
             counts = unsub.unsubscribe(conn, who.user_id, who.channel)
         log.info("user %s unsubscribed on %s: %s", who.user_id, who.channel, counts)
@@ -130,11 +130,8 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        if exc.code == 400 and request.path.startswith("/unsubscribe/"):
-            heading, message = "This link is not valid", ("This unsubscribe link is not valid. Please use the "
-                                                          "link from one of our emails as it is.")
-        else:
-            heading, message = exc.name, exc.description
+        heading = "This link is not valid" if exc.description == INVALID_LINK else exc.name
+        message = exc.description
         return render_template("error.html", heading=heading, message=message), exc.code
 
     @app.errorhandler(sa.exc.OperationalError)
