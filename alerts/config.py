@@ -165,6 +165,8 @@ class Settings:
             beat_dispatch_seconds=r.integer("ALERTS_BEAT_DISPATCH_SECONDS", cls.beat_dispatch_seconds, minimum=1),
             beat_recover_seconds=r.integer("ALERTS_BEAT_RECOVER_SECONDS", cls.beat_recover_seconds, minimum=1),
         )
+        if settings.public_url and (urlsplit(settings.public_url).query or "#" in settings.public_url):
+            raise ConfigError("ALERTS_PUBLIC_URL", "must not have a query or fragment (links append /unsubscribe/…)")
         if settings.public_url and len(settings.secret_key or "") < MIN_SECRET_KEY_CHARS:
             raise ConfigError("ALERTS_SECRET_KEY", f"must be set, at least {MIN_SECRET_KEY_CHARS} characters, when "
                               "ALERTS_PUBLIC_URL is set (it signs the unsubscribe links)")

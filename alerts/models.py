@@ -25,6 +25,8 @@ BATCHED_INTO_DIGEST = "batched_into_digest"
 SMS_DIGEST_NOT_SUPPORTED = "sms_digest_not_supported"
 USER_INACTIVE = "user is inactive"
 DIGEST_WITHOUT_ITEMS = "digest has no items"
+# SPEC §11.2: skipped because the user unsubscribed from the channel (alerts/unsubscribe.py).
+UNSUBSCRIBED = "unsubscribed"
 
 
 DESTINATION_DISABLED = "destination_disabled"  # §11.3: the block's reason follows

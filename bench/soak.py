@@ -72,7 +72,7 @@ SEND_TIMES = (None, None, "07:30", "02:30", "18:00")  # §10.1 digest_send_time,
 ALERT_TYPES = ("supply_disruption", "price_spike", "regional_risk", "outage")
 REGIONS = ("NL", "DE", "FR", "GB", "NO")
 FAULTS = ("worker_kill", "pool_child_kill", "redis_restart", "pg_terminate", "pg_outage", "second_beat", "double_publish",
-          "smtp_451_burst", "smtp_550", "smtp_slow_data", "tg_429", "tg_403", "tg_5xx", "runner")
+          "smtp_451_burst", "smtp_550", "smtp_slow_data", "tg_429", "tg_403", "tg_5xx", "runner", "unsubscribe")
 WORKERS = 2
 LEASE_SECONDS = 30  # longer than any one send can take here (timeouts 10 s, slow DATA 2 s)
 SEND_TIMEOUT_SECONDS = 10
@@ -93,7 +93,11 @@ WORKER_ENV = {
     "ALERTS_BEAT_DISPATCH_SECONDS": "2",
     "ALERTS_BEAT_RECOVER_SECONDS": "5",
     "ALERTS_SMTP_TLS": "none",
+    # Every email carries the one-click headers; the unsubscribe fault POSTs to the web app.
+    "ALERTS_PUBLIC_URL": "https://alerts.soak.test",
+    "ALERTS_SECRET_KEY": "soak-secret-key-of-at-least-32-characters",
 }
+UNSUBSCRIBE_GIVE_UP_SECONDS = 150  # a POST answered 503 (a send in flight) is tried again until then
 
 
 def log(text: str) -> None:
@@ -499,6 +503,8 @@ class Faults:
         self.refused = seed_info["refused"]
         self.timers: list[threading.Timer] = []
         self.errors: list[str] = []
+        self.unsubscribes: list[tuple[int, str, float]] = []  # (user, channel, when the POST answered 200)
+        self.unsubscribing: list[threading.Thread] = []
 
     def record(self, kind: str) -> None:
         self.log.append((time.time(), kind))
@@ -619,6 +625,46 @@ class Faults:
         self.stack.start_runner()
         self.record("runner")
 
+    def unsubscribe(self) -> None:
+        """A one-click POST racing the senders, for a user who gets email (SPEC §11.2);
+        soak_check then finds nothing arrived for them after the 200."""
+        u, p = m.users, m.user_alert_prefs
+        done = {user for user, _, _ in self.unsubscribes}
+        with self.stack.engine.connect() as conn:
+            candidates = sorted(set(conn.execute(
+                sa.select(u.c.id).join(p, p.c.user_id == u.c.id)
+                .where(u.c.email.is_not(None), p.c.channel == "email", p.c.enabled)).scalars()) - done)
+        if not candidates:
+            return
+        thread = threading.Thread(target=self._unsubscribe, args=(self.rng.choice(candidates),), daemon=True)
+        self.unsubscribing.append(thread)
+        thread.start()
+        self.record("unsubscribe")
+
+    def _unsubscribe(self, user: int) -> None:
+        from alerts.config import Settings
+        from alerts.unsubscribe import make_token
+        from alerts.web import create_app
+
+        key = WORKER_ENV["ALERTS_SECRET_KEY"]
+        app = create_app(Settings.from_env({"DATABASE_URL": self.stack.url, "ALERTS_SECRET_KEY": key}))
+        client, path = app.test_client(), f"/unsubscribe/{make_token(key, user, 'email')}"
+        started = time.monotonic()
+        while time.monotonic() < started + UNSUBSCRIBE_GIVE_UP_SECONDS:
+            status = client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code
+            if status == 200:
+                self.unsubscribes.append((user, "email", time.time()))
+                log(f"unsubscribed user {user} from email: 200 after {time.monotonic() - started:.2f}s")
+                return
+            if status != 503:  # 503: a send of theirs still in flight, or the database down
+                break
+            time.sleep(2)
+        self.errors.append(f"unsubscribe: user {user} never got a 200 (last {status})")
+
+    def finish_unsubscribes(self) -> None:
+        for thread in self.unsubscribing:
+            thread.join(UNSUBSCRIBE_GIVE_UP_SECONDS + 10)
+
     def calm(self) -> None:
         """Stop injecting: transient provider failures end (blocked chats and refused
         mailboxes stay, as they would), the extra beat goes."""
@@ -699,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             f"api {stack.api.base_url}, logs {work}")
         producers = Producers(stack, args.rate, args.speed, args.duration)
         # Often enough that every kind comes up at least once in the run.
-        faults = Faults(stack, seed_info, min(args.fault_interval, args.duration / (len(FAULTS) + 2)))
+        faults = Faults(stack, seed_info, min(args.fault_interval, args.duration / (len(FAULTS) + 4)))
         threads = [threading.Thread(target=producers.run, daemon=True),
                    threading.Thread(target=producers.run_cli, daemon=True),
                    threading.Thread(target=faults.run, daemon=True)]
@@ -721,13 +767,14 @@ def main(argv: list[str] | None = None) -> int:
         drained, drain_seconds, left = drain(stack, args.drain_timeout)
         if not drained:
             log(f"not drained after {args.drain_timeout:.0f}s: {left}")
+        faults.finish_unsubscribes()
 
         arrivals = (soak_check.email_arrivals(stack.smtp.messages, list(stack.smtp._received.times))
                     + soak_check.telegram_arrivals(list(stack.api.telegram_messages),
                                                    list(stack.api.telegram_messages.times)))
         with stack.engine.connect() as conn:
             report = soak_check.check(conn, producers.valid, arrivals, faults.log, frozenset({HOURLY_PLAN}),
-                                      "Europe/Amsterdam", "daily")
+                                      "Europe/Amsterdam", "daily", unsubscribes=faults.unsubscribes)
             soak_check.check_blocks(report, conn, faults.refused, {"email": list(stack.smtp.rcpt_log),
                                                                    "telegram": list(stack.api.telegram_requests)})
         if faults.errors:

@@ -18,6 +18,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Sequence
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -102,8 +103,10 @@ def _more(text: str) -> int:
 # --- the check ----------------------------------------------------------------------------------
 
 def check(conn, produced: dict[str, bool], arrivals: list[Arrival], faults: list[tuple[float, str]],
-          hourly_plans: frozenset[str], default_tz: str, default_period: str) -> Report:
-    """``produced``: every event_key a producer sent → whether it is a valid event."""
+          hourly_plans: frozenset[str], default_tz: str, default_period: str,
+          unsubscribes: Sequence[tuple[int, str, float]] = ()) -> Report:
+    """``produced``: every event_key a producer sent → whether it is a valid event.
+    ``unsubscribes``: (user, channel, time.time() of the POST's 200) of one-click unsubscribes."""
     r = Report()
     users = {u.id: u for u in conn.execute(sa.select(m.users))}
     prefs = conn.execute(sa.select(m.user_alert_prefs)).all()
@@ -113,11 +116,13 @@ def check(conn, produced: dict[str, bool], arrivals: list[Arrival], faults: list
     items = conn.execute(sa.select(m.user_alert_digest_items)).all()
 
     _check_events(r, produced, events)
-    _check_fanout(r, users, prefs, events, deliveries)
+    unsubscribed = {(user, channel): at for user, channel, at in unsubscribes}
+    _check_fanout(r, users, prefs, events, deliveries, set(unsubscribed))
     digest_of = _check_digests(r, users, events, deliveries, digests, items, hourly_plans, default_tz,
                                default_period)
     _check_deliveries(r, deliveries, digests, digest_of)
     _check_messages(r, users, deliveries, digests, digest_of, arrivals, faults)
+    _check_unsubscribes(r, users, unsubscribed, arrivals)
     r.counts.update(events=len(events), deliveries=len(deliveries), digests=len(digests),
                     messages=len(arrivals))
     return r
@@ -172,8 +177,10 @@ def _check_events(r: Report, produced: dict[str, bool], events: dict) -> None:
     r.counts["events_rejected"] = sum(e.status == "rejected" for e in events.values())
 
 
-def _check_fanout(r: Report, users, prefs, events, deliveries) -> None:
-    """The deliveries Phase B must have made, worked out independently from the prefs."""
+def _check_fanout(r: Report, users, prefs, events, deliveries, unsubscribed: set = frozenset()) -> None:
+    """The deliveries Phase B must have made, worked out independently from the prefs.
+    An unsubscribed (user, channel) is left out: its prefs changed during the run (its
+    rows are checked by ``_check_deliveries`` and ``_check_unsubscribes``)."""
     expected: dict[tuple[int, int, str], str] = {}
     for e in events.values():
         if e.status != "fanned_out":
@@ -185,7 +192,9 @@ def _check_fanout(r: Report, users, prefs, events, deliveries) -> None:
                 matched[(p.user_id, p.channel)].add(p.delivery_kind)
         for (user_id, channel), kinds in matched.items():
             expected[(user_id, e.id, channel)] = "instant" if "instant" in kinds else "digest"
-    actual = {(d.user_id, d.alert_event_id, d.channel): d for d in deliveries.values()}
+    expected = {key: kind for key, kind in expected.items() if (key[0], key[2]) not in unsubscribed}
+    actual = {(d.user_id, d.alert_event_id, d.channel): d for d in deliveries.values()
+              if (d.user_id, d.channel) not in unsubscribed}
     for key in expected.keys() - actual.keys():
         r.lost += 1
         r.bad("delivery_missing", f"no delivery for (user, event, channel) {key}")
@@ -274,6 +283,19 @@ def _check_deliveries(r: Report, deliveries, digests, digest_of) -> None:
         else:
             r.lost += 1
             r.bad("digest_delivery_unaccounted", f"delivery {d.id} is {d.status} {d.last_error} in no digest")
+
+
+def _check_unsubscribes(r: Report, users, unsubscribed: dict, arrivals: list[Arrival]) -> None:
+    """Nothing reaches a destination after its unsubscribe's 200 (SPEC §11.2)."""
+    address = {(u.id, "email"): (u.email or "").strip().lower() for u in users.values()}
+    address.update({(u.id, "telegram"): (u.telegram_chat_id or "").strip() for u in users.values()})
+    after: dict[tuple[str, str], float] = {(channel, address[(user, channel)]): at
+                                           for (user, channel), at in unsubscribed.items()}
+    for a in arrivals:
+        answered = after.get((a.channel, a.recipient))
+        if answered is not None and a.at > answered:
+            r.bad("sent_after_unsubscribe", f"{a.channel} to {a.recipient} {a.at - answered:.3f}s after the 200")
+    r.counts["unsubscribes"] = len(unsubscribed)
 
 
 def _describe(copies: list[Arrival], faults, rows) -> str:

@@ -22,7 +22,7 @@ import threading
 from datetime import datetime, timezone
 from email import policy
 from email.errors import MessageError
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage as MimeMessage
 from email.utils import format_datetime, getaddresses
 from pathlib import Path
@@ -69,7 +69,29 @@ class _RememberingHeaders(HeaderRegistry):
         return super().__call__(name, value)
 
 
-_POLICIES = {utf8: (policy.SMTPUTF8 if utf8 else policy.SMTP).clone(header_factory=_RememberingHeaders())
+class _OneLineHeader(UnstructuredHeader):
+    """Written as it is, on one line: the standard folding would split a long
+    ``<https://…/unsubscribe/token>`` into RFC 2047 encoded words, which no mail provider
+    reads as a URL (RFC 2369 wants it as it is). Non-ASCII values fold as usual."""
+
+    def fold(self, *, policy):
+        value = str(self)
+        if value.isascii() and len(self.name) + len(value) + 2 <= 998:
+            return f"{self.name}: {value}{policy.linesep}"
+        return super().fold(policy=policy)
+
+
+ONE_LINE_HEADERS = ("list-unsubscribe", "list-unsubscribe-post")
+
+
+def _header_registry() -> HeaderRegistry:
+    registry = _RememberingHeaders()
+    for name in ONE_LINE_HEADERS:
+        registry.map_to_type(name, _OneLineHeader)
+    return registry
+
+
+_POLICIES = {utf8: (policy.SMTPUTF8 if utf8 else policy.SMTP).clone(header_factory=_header_registry())
              for utf8 in (False, True)}
 
 

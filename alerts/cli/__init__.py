@@ -15,6 +15,7 @@ from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_
 from alerts.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
+from alerts.cli.web import web
 from alerts.db import Database, migrate as migrate_db
 
 
@@ -35,6 +36,7 @@ def migrate() -> None:
 
 cli.add_command(run)
 cli.add_command(destinations)
+cli.add_command(web)
 
 
 @cli.command()

@@ -11,6 +11,7 @@ from alerts.messages import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_view, html_env,
                                     one_line, sort_items, text_env, zone)
 from alerts.messages.telegram_fit import fit_telegram
+from alerts.unsubscribe import email_headers, unsubscribe_url
 
 EMAIL_MAX_ITEMS = 50
 # Per-item caps keep one huge event from crowding every other item out of a Telegram digest.
@@ -76,6 +77,7 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
     tz = zone(digest.get("timezone"), settings)
     ordered = sort_items(items)
     key = digest["digest_key"]
+    unsubscribe = unsubscribe_url(settings, digest["user_id"], "email") if digest.get("user_id") else None
     context = {
         "heading": _heading(digest),
         "window": window_label(digest["window_start"], digest["window_end"], tz),
@@ -83,13 +85,14 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
         "items": [event_view(e, tz) for e in ordered[:EMAIL_MAX_ITEMS]],
         "more": max(0, len(ordered) - EMAIL_MAX_ITEMS),
         "app_url": app_link(settings),
+        "unsubscribe_url": unsubscribe,
     }
     return EmailMessage(
         subject=_subject(digest, len(ordered), tz),
         text=text_env.get_template("digest_email.txt.j2").render(context),
         html=html_env.get_template("digest_email.html.j2").render(context),
         message_id=digest_message_id(key),
-        headers={"X-Alerts-Digest-Key": one_line(key)},
+        headers={"X-Alerts-Digest-Key": one_line(key), **email_headers(settings, "digest", unsubscribe)},
     )
 
 

@@ -9,6 +9,7 @@ from alerts.messages import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, event_view, html_env, one_line,
                                     text_env)
 from alerts.messages.telegram_fit import TELEGRAM_LIMIT, telegram_length, truncate_utf16, utf16_len
+from alerts.unsubscribe import email_headers, unsubscribe_url
 
 SMS_MAX_CHARS = 320
 SUBJECT_TITLE_MAX = 200
@@ -29,12 +30,15 @@ def render_instant(channel: str, event: Mapping, *, delivery_id: int, settings: 
 def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage:
     view = event_view(event, settings.tz)
     title = truncate_utf16(view.title, SUBJECT_TITLE_MAX)
-    context = {"e": view, "app_url": app_link(settings)}
+    # The row's user (outbox.load selects it): the unsubscribe link names them.
+    unsubscribe = unsubscribe_url(settings, event["user_id"], "email") if event.get("user_id") else None
+    context = {"e": view, "app_url": app_link(settings), "unsubscribe_url": unsubscribe}
     return EmailMessage(
         subject=one_line(f"[EnergyRiskIQ] {view.label.upper()}: {title}"),
         text=text_env.get_template("instant_email.txt.j2").render(context),
         html=html_env.get_template("instant_email.html.j2").render(context),
         message_id=f"<alert-delivery-{delivery_id}@{MESSAGE_ID_DOMAIN}>",
+        headers=email_headers(settings, "instant", unsubscribe),
     )
 
 

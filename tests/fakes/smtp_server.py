@@ -37,6 +37,7 @@ class ReceivedMail:
     data: bytes
     peer: tuple | None = None
     tls: bool = False  # arrived over TLS (STARTTLS or implicit)
+    received_at: float = field(default_factory=time.time)  # when DATA was accepted (time.time())
 
     @cached_property
     def message(self) -> email.message.EmailMessage:
