@@ -11,7 +11,8 @@ import sys
 import click
 import sqlalchemy as sa
 
-from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
+from alerts.cli.common import (Fatal, clock_option, instant, load_settings, open_engine, reaching_database,
+                               setup_logging)
 from alerts.cli.run import run
 from alerts.db import Database, migrate as migrate_db
 
@@ -27,7 +28,8 @@ def cli(verbose: bool) -> None:
 def migrate() -> None:
     """Bring the database to the current schema (safe to run repeatedly)."""
     settings = load_settings()
-    revision = migrate_db(settings.database_url)
+    with reaching_database(settings):
+        revision = migrate_db(settings.database_url)
     click.echo(f"database at revision {revision}")
 
 
@@ -140,7 +142,8 @@ def demo(outbox: str | None) -> None:
     from alerts.demo import run_demo
 
     settings = load_settings()
-    run_demo(settings, outbox=outbox, echo=click.echo)
+    with reaching_database(settings):
+        run_demo(settings, outbox=outbox, echo=click.echo)
 
 
 def main() -> None:
