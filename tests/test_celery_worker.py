@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from alerts import models as m
-from alerts.config import Settings
+from alerts.config import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS, Settings
 from alerts.db import make_engine
 from tests.factories import add_event, add_pref, add_user
 from tests.factories import WINDOW_START, add_digest
@@ -239,6 +240,20 @@ def test_rabbitmq_with_a_bot_token_and_no_ratelimit_redis_exits_2_naming_it(comm
     assert result.returncode == 2, result.stderr
     assert "ALERTS_RATELIMIT_REDIS_URL" in result.stderr
     assert "123:abc" not in result.stderr
+
+
+def test_the_longest_wait_a_task_holds_unacked_is_far_below_rabbitmqs_consumer_timeout():
+    """RabbitMQ closes the channel of a consumer holding a message unacked longer than
+    consumer_timeout (default 30 min); a worker holds a countdown task unacked until it
+    runs, so every countdown must stay far below it (replit.md, "Choosing a broker")."""
+    result = subprocess.run(["rabbitmqctl", "-q", "eval", "application:get_env(rabbit, consumer_timeout)."],
+                            capture_output=True, text=True, timeout=60, check=True)
+    found = re.fullmatch(r"\{ok,(\d+)\}", result.stdout.strip())
+    if found is None:
+        assert result.stdout.strip() == "undefined", result.stdout  # no timeout at all
+        return
+    consumer_timeout_seconds = int(found.group(1)) / 1000
+    assert 10 * max(MAX_COUNTDOWN_SECONDS, INFRA_BACKOFF_MAX_SECONDS) <= consumer_timeout_seconds
 
 
 @redis_only
