@@ -121,8 +121,9 @@ class PersistentRedis:
             self.process.terminate()
             self.process.wait(10)
 
-    def restart(self) -> None:
+    def restart(self, down_seconds: float = 0.0) -> None:
         self.stop()
+        time.sleep(down_seconds)
         self.start()
 
     def url(self) -> str:
@@ -166,7 +167,7 @@ def test_after_a_redis_restart_a_worker_exits_non_zero_or_stays_and_a_restarted_
         publish(in_flight, "alerts.send")
         wait_until(lambda: status_of(db, m.user_alert_digests, in_flight[0])[0] == "sending", 30, first.output)
 
-        persistent_redis.restart()
+        persistent_redis.restart(down_seconds=2.0)  # down long enough for reconnects to fail
 
         # kombu's Redis transport may make the worker exit (kombu#970, #582): then it must
         # say so with a non-zero code, so that Restart= (any supervisor) brings it back.
