@@ -223,6 +223,7 @@ class Blackhole:
 
 # --- tests --------------------------------------------------------------------------------------
 
+@redis_only  # settings are checked before any broker is reached
 def test_a_worker_with_a_bad_setting_exits_2_naming_it(broker_url, broker_env, pg_database, tmp_path):
     env = celery_env(broker_url, pg_database, "127.0.0.1", 25, ALERTS_SMTP_TLS="sometimes", **broker_env)
     result = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "worker"], cwd=ROOT, env=env,
