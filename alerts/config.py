@@ -196,17 +196,22 @@ def _ratelimit_redis_url(r: "EnvReader", broker_url: str) -> str | None:
 
 
 def mask_url_password(url: str) -> str:
-    """``scheme://user:***@host/…``: the URL with its password (if any) masked."""
+    """``scheme://user:***@host/…``: the URL with its password (if any) masked — also
+    one given as a query option (libpq reads ``?password=…``)."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "***"  # unparseable: it may hold anything
-    if not password:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    user = user.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password:
+        user, _, host = parts.netloc.rpartition("@")
+        user = user.split(":", 1)[0]
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    base, question, query = url.partition("?")
+    return base + question + _QUERY_PASSWORD.sub(r"\1***", query)
+
+
+_QUERY_PASSWORD = re.compile(r"((?:^|&)[^=&]*password=)[^&]*", re.IGNORECASE)
 
 
 class EnvReader:

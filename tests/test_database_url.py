@@ -81,6 +81,12 @@ def test_a_database_that_does_not_exist_is_one_line_and_exit_3(command, pg_datab
     assert_one_line_exit_3(result, 'database "alerts_no_such_db" does not exist')
 
 
+def test_a_password_given_as_a_query_option_is_hidden_too():
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/alerts?sslmode=disable&password={PASSWORD}"
+    result = run(COMMANDS["runner"], url)
+    assert_one_line_exit_3(result, "?sslmode=disable&password=***")
+
+
 def test_a_server_that_never_answers_times_out_in_one_line(silent_server):
     url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{silent_server}/alerts?connect_timeout=1"
     result = run(COMMANDS["alerts status"], url, timeout=30)
