@@ -104,7 +104,7 @@ def start_worker(env: dict, tmp_path: Path, queues: str = "alerts,alerts.send", 
                       "--without-heartbeat", *extra], env, tmp_path / f"worker-{next(_names)}.log")
     worker.name = name
     # Teardown needs no warm shutdown (the test's queues and rows are thrown away; the
-    # SIGTERM test sends its own): a cold one is 1-2 s quicker, on RabbitMQ 3 s.
+    # SIGTERM test sends its own): a cold one is quicker — on RabbitMQ 2 s instead of 5.
     worker.stop_signal = signal.SIGQUIT
     try:
         worker.wait_for_output(" ready.")
