@@ -17,6 +17,10 @@ from alerts.models import DIGEST_PERIODS
 EMAIL_BACKENDS = ("smtp", "file")
 SMTP_TLS_MODES = ("none", "starttls", "ssl")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# SPEC §12.5: the database kinds we run on; ``postgres://`` (as many hosts write it) is
+# read as ``postgresql://``, the rest of the URL (query options included) unchanged.
+DATABASE_KINDS = ("postgresql", "sqlite")
+DATABASE_SCHEME_ALIASES = {"postgres": "postgresql"}
 
 # Celery: the longest countdown a task ever sets on itself (a booked Telegram slot) and
 # the longest backoff of Celery's own retries. The Redis visibility timeout must stay far
@@ -122,7 +126,7 @@ class Settings:
         r = EnvReader(env)
         broker_url = r.text("CELERY_BROKER_URL", cls.celery_broker_url)
         settings = cls(
-            database_url=r.text("DATABASE_URL", cls.database_url),
+            database_url=r.database_url("DATABASE_URL", cls.database_url),
             celery_broker_url=broker_url,
             timezone=r.timezone("ALERTS_TIMEZONE", cls.timezone),
             digest_period=r.choice("ALERTS_DIGEST_PERIOD", DIGEST_PERIODS, cls.digest_period),
@@ -194,17 +198,22 @@ def _ratelimit_redis_url(r: "EnvReader", broker_url: str) -> str | None:
 
 
 def mask_url_password(url: str) -> str:
-    """``scheme://user:***@host/…``: the URL with its password (if any) masked."""
+    """``scheme://user:***@host/…``: the URL with its password (if any) masked — also
+    one given as a query option (libpq reads ``?password=…``)."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "***"  # unparseable: it may hold anything
-    if not password:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    user = user.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password:
+        user, _, host = parts.netloc.rpartition("@")
+        user = user.split(":", 1)[0]
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    base, question, query = url.partition("?")
+    return base + question + _QUERY_PASSWORD.sub(r"\1***", query)
+
+
+_QUERY_PASSWORD = re.compile(r"((?:^|&)[^=&]*password=)[^&]*", re.IGNORECASE)
 
 
 class EnvReader:
@@ -249,6 +258,17 @@ class EnvReader:
         if not _HHMM.match(value):
             raise ConfigError(name, f"must be a time of day as HH:MM, 00:00 to 23:59 (got {value!r})")
         return value
+
+    def database_url(self, name: str, default: str) -> str:
+        """A SQLAlchemy URL of a kind we support (``postgresql[+driver]``, ``sqlite``)."""
+        value = self.text(name, default)
+        scheme, sep, rest = value.partition("://")
+        kind, plus, driver = scheme.lower().partition("+")
+        kind = DATABASE_SCHEME_ALIASES.get(kind, kind)
+        if not sep or kind not in DATABASE_KINDS:
+            shown = f"{scheme}://" if sep else "no scheme"
+            raise ConfigError(name, f"unsupported kind of database ({shown}); use postgresql://… or sqlite:///…")
+        return f"{kind}{plus}{driver}://{rest}"
 
     def number(self, name: str, default: float) -> float:
         raw = self.optional(name)

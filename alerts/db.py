@@ -26,6 +26,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # How long ``retrying`` waits for the database to come back: 7.6 s in all, far below any
 # sensible lease.
 RECONNECT_PAUSES_SECONDS = (0.1, 0.5, 1.0, 2.0, 4.0)
+# libpq waits for ever on a server that accepts the connection and never answers; a URL's
+# own ``?connect_timeout=`` wins.
+PG_CONNECT_TIMEOUT_SECONDS = 10
 
 T = TypeVar("T")
 
@@ -42,6 +45,8 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     if url_obj.get_backend_name() == "postgresql" and url_obj.drivername == "postgresql":
         url_obj = url_obj.set(drivername="postgresql+psycopg2")
+    if url_obj.get_backend_name() == "postgresql" and "connect_timeout" not in url_obj.query:
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS, **kwargs.get("connect_args", {})}
     # READ COMMITTED is stated, not assumed: a sender's load must see every digest item
     # Phase D committed before the claim in the same transaction shut it out, which a
     # REPEATABLE READ default would hide.
@@ -66,6 +71,14 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def connection_problem(exc: BaseException) -> str:
+    """The first line of the driver's own words for a failed connection ("Connection
+    refused", "database \"x\" does not exist", "timeout expired") — never the URL."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return (lines[0].strip() if lines else "") or type(orig).__name__
 
 
 def is_postgres(bind: Connection | Engine) -> bool:

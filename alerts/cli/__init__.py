@@ -11,8 +11,9 @@ import sys
 import click
 import sqlalchemy as sa
 
-from alerts.cli.common import Fatal, clock_option, instant, load_settings, open_engine, setup_logging
 from alerts.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
+from alerts.cli.common import (Fatal, clock_option, instant, load_settings, open_engine, reaching_database,
+                               setup_logging)
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
 from alerts.cli.web import web
@@ -30,7 +31,8 @@ def cli(verbose: bool) -> None:
 def migrate() -> None:
     """Bring the database to the current schema (safe to run repeatedly)."""
     settings = load_settings()
-    revision = migrate_db(settings.database_url)
+    with reaching_database(settings):
+        revision = migrate_db(settings.database_url)
     click.echo(f"database at revision {revision}")
 
 
@@ -174,7 +176,8 @@ def demo(outbox: str | None) -> None:
     from alerts.demo import run_demo
 
     settings = load_settings()
-    run_demo(settings, outbox=outbox, echo=click.echo)
+    with reaching_database(settings):
+        run_demo(settings, outbox=outbox, echo=click.echo)
 
 
 def main() -> None:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from contextlib import contextmanager
 
 import click
+import sqlalchemy as sa
 
 from alerts.clock import Clock, parse_instant
-from alerts.config import ConfigError, Settings
-from alerts.db import NotMigrated, check_migrated, make_engine
+from alerts.config import ConfigError, Settings, mask_url_password
+from alerts.db import NotMigrated, check_migrated, connection_problem, make_engine
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 3
+EXIT_UNREACHABLE = 3  # SPEC §12.5: the database cannot be reached
+# What a driver raises when it cannot connect (refused, timed out, no such database,
+# SQLite's "unable to open database file") or loses the connection.
+CONNECTION_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 
 class Fatal(click.ClickException):
@@ -49,14 +56,42 @@ def load_settings() -> Settings:
         raise Fatal(f"configuration error: {exc}") from None
 
 
+def verbose_requested() -> bool:
+    """Whether ``-v`` was given, to the group (``alerts -v …``) or to the command."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.params.get("verbose"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+@contextmanager
+def reaching_database(settings: Settings):
+    """Turn a database that cannot be reached into one line naming DATABASE_URL (its
+    password masked) and the driver's cause, exit 3; ``-v`` adds the traceback."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        if verbose_requested():
+            traceback.print_exc(file=sys.stderr)
+        raise Fatal(f"DATABASE_URL {mask_url_password(settings.database_url)}: cannot reach the database: "
+                    f"{connection_problem(exc)}", EXIT_UNREACHABLE) from None
+
+
 def open_engine(settings: Settings):
-    """An engine on a database that is at the current schema, else exit 2."""
+    """An engine on a database that is at the current schema, else exit 2 (not
+    migrated) or 3 (cannot be reached)."""
     engine = make_engine(settings.database_url)
     try:
-        check_migrated(engine)
+        with reaching_database(settings):
+            check_migrated(engine)
     except NotMigrated as exc:
         engine.dispose()
         raise Fatal(str(exc)) from None
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

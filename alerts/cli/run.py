@@ -13,7 +13,7 @@ import re
 import click
 
 from alerts.cli.common import (EXIT_UNEXPECTED, Fatal, clock_option, load_settings, make_clock, open_engine,
-                               setup_logging)
+                               setup_logging, verbose_requested)
 from alerts.pipeline import ALL, run_phases, session
 
 log = logging.getLogger("alerts.runner")
@@ -88,5 +88,5 @@ def _flat(counts: dict) -> str:
 def run(phase: str, now_text: str | None, dry_run: bool, as_json: bool, verbose: bool,
         max_seconds: int | None) -> None:
     """Run pipeline phases once (cron-safe)."""
-    setup_logging(verbose)
+    setup_logging(verbose_requested())
     execute(phase.lower(), now_text, dry_run, as_json, max_seconds)
