@@ -25,6 +25,12 @@ BATCHED_INTO_DIGEST = "batched_into_digest"
 SMS_DIGEST_NOT_SUPPORTED = "sms_digest_not_supported"
 USER_INACTIVE = "user is inactive"
 DIGEST_WITHOUT_ITEMS = "digest has no items"
+SUPERSEDED_BY = "superseded by #"  # + the id of the newer event of the same collapse_key (§10.3)
+MAX_COLLAPSE_KEY_CHARS = 200
+
+
+def superseded_by(event_id: int) -> str:
+    return f"{SUPERSEDED_BY}{event_id}"
 
 
 def no_address(channel: str) -> str:
@@ -178,6 +184,11 @@ sa.Index(
     sqlite_where=alert_events.c.status.in_(("new", "ready")),
 )
 sa.Index("ix_prefs_match", user_alert_prefs.c.alert_type, user_alert_prefs.c.region)
+# Migration 0006: Phase B's look-ups for collapse (§10.3) and quiet hours (§10.4).
+sa.Index("ix_events_collapse_key", alert_events.c.collapse_key,
+         postgresql_where=alert_events.c.collapse_key.is_not(None), sqlite_where=alert_events.c.collapse_key.is_not(None))
+sa.Index("ix_users_quiet_hours", users.c.timezone, users.c.quiet_hours,
+         postgresql_where=users.c.quiet_hours.is_not(None), sqlite_where=users.c.quiet_hours.is_not(None))
 
 # --- digests (migration 0002) -----------------------------------------------------------
 
