@@ -263,3 +263,21 @@ def test_a_night_of_three_updates_arrives_as_one_message_in_the_morning(db, engi
     assert got == {ids[0]: ("skipped", f"superseded by #{ids[1]}"), ids[1]: ("skipped", f"superseded by #{ids[2]}"),
                    ids[2]: ("sent", None)}
 
+
+
+def test_a_digest_sent_by_phase_c_collapses_a_story_into_one_item(db, engine, settings, smtp_server):
+    settings = with_fakes(settings, smtp_server)
+    with engine.begin() as conn:
+        add_pref(conn, add_user(conn), delivery_kind="digest")
+        ids = [event(conn, NOON + timedelta(minutes=i), title=f"Update {i}", collapse_key="story") for i in range(3)]
+        alone = event(conn, NOON, title="Unrelated")
+    after_window = datetime(2026, 5, 12, 22, 1, tzinfo=UTC)  # the Amsterdam day of 12 May has closed
+    with session(engine, settings) as (db_, channels):
+        results = run_phases(db_, ("b", "d", "c"), clock_at(after_window), settings, channels)
+
+    assert results["c"]["digests"]["sent"] == 1
+    (mail,) = smtp_server.messages
+    text = mail.message.get_body(("plain",)).get_content()
+    assert mail.message["Subject"].endswith("(2 alerts)")
+    assert f"3 updates · #{ids[0]} #{ids[1]} #{ids[2]} ·" in text and "Update 2" in text
+    assert "Update 0" not in text and "Update 1" not in text and f"#{alone} ·" in text

@@ -10,6 +10,7 @@ from alerts.config import Settings
 from alerts.messages import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_view, html_env,
                                     one_line, sort_items, text_env, zone)
+from alerts.messages.collapse import collapse
 from alerts.messages.telegram_fit import fit_telegram
 
 EMAIL_MAX_ITEMS = 50
@@ -65,7 +66,7 @@ def window_label(start: datetime, end: datetime, tz: ZoneInfo) -> str:
 
 def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> EmailMessage:
     tz = zone(digest.get("timezone"), settings)
-    ordered = sort_items(items)
+    ordered = sort_items(collapse(items))  # items, not events (§10.3)
     key = digest["digest_key"]
     context = {
         "heading": _heading(digest),
@@ -86,7 +87,7 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
 
 def _telegram(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> TextMessage:
     tz = zone(digest.get("timezone"), settings)
-    ordered = sort_items(items)
+    ordered = sort_items(collapse(items))  # items, not events (§10.3)
     parts = html_env.get_template("digest_telegram.j2").module
     app_url = app_link(settings)
     header = _part(parts.header(_heading(digest), window_label(digest["window_start"], digest["window_end"], tz),
