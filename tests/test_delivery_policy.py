@@ -281,3 +281,34 @@ def test_a_digest_sent_by_phase_c_collapses_a_story_into_one_item(db, engine, se
     assert mail.message["Subject"].endswith("(2 alerts)")
     assert f"3 updates · #{ids[0]} #{ids[1]} #{ids[2]} ·" in text and "Update 2" in text
     assert "Update 0" not in text and "Update 1" not in text and f"#{alone} ·" in text
+
+
+def test_alerts_status_counts_the_held_deliveries_and_names_the_earliest_release(db, engine, settings, db_url):
+    import json
+
+    from click.testing import CliRunner
+
+    from alerts.cli import cli
+
+    with engine.begin() as conn:
+        amsterdam = add_user(conn, quiet_hours="22:00-07:00")
+        london = add_user(conn, quiet_hours="22:00-07:00", timezone="Europe/London")  # 22:00 there: held to 06:00Z
+        for user in (amsterdam, london):
+            add_pref(conn, user)
+        event(conn, EVENING, severity=2)
+        event(conn, EVENING, severity=3)
+        retrying = add_delivery(conn, amsterdam, add_event(conn, status="fanned_out"), attempts=1,
+                                next_retry_at=EVENING + timedelta(minutes=5))  # a retry is not held
+    fan_out(db, settings, EVENING)
+    env = {"DATABASE_URL": db_url}
+
+    def status(*args):
+        result = CliRunner().invoke(cli, ["status", "--now", EVENING.isoformat(), *args], env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "instant deliveries held by quiet hours: 4 (earliest release 2026-05-13 05:00:00 UTC)" in status()
+    report = json.loads(status("--json"))
+    assert report["held_by_quiet_hours"] == {"count": 4, "earliest_release": "2026-05-13 05:00:00+00:00"}
+    later = CliRunner().invoke(cli, ["status", "--now", MORNING.isoformat()], env=env).output
+    assert "held by quiet hours: 2 (earliest release 2026-05-13 06:00:00 UTC)" in later
