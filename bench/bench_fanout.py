@@ -1,6 +1,6 @@
 """Benchmark Phase B (fan-out) on PostgreSQL against one hand-written INSERT … SELECT.
 
-    python bench/bench_fanout.py --users 50000 --events 200 --match-ratio 0.1
+    python bench/bench_fanout.py --users 50000 --events 200 --match-ratio 0.1 [--bypass-severity 4]
 
 Bulk-loads users, preferences and ready events (generate_series, no Python loops) so
 that each user's preferences match about ``--match-ratio`` of the events (the default
@@ -86,11 +86,9 @@ REFERENCE_SQL = [
     """INSERT INTO user_alert_deliveries
            (user_id, alert_event_id, channel, delivery_kind, status, last_error, created_at)
        SELECT p.user_id, e.id, p.channel,
-              CASE WHEN bool_or(p.delivery_kind = 'instant') THEN 'instant' ELSE 'digest' END,
-              CASE WHEN p.channel = 'sms' AND NOT bool_or(p.delivery_kind = 'instant')
-                   THEN 'skipped' ELSE 'queued' END,
-              CASE WHEN p.channel = 'sms' AND NOT bool_or(p.delivery_kind = 'instant')
-                   THEN 'sms_digest_not_supported' END,
+              CASE WHEN {instant} THEN 'instant' ELSE 'digest' END,
+              CASE WHEN p.channel = 'sms' AND NOT {instant} THEN 'skipped' ELSE 'queued' END,
+              CASE WHEN p.channel = 'sms' AND NOT {instant} THEN 'sms_digest_not_supported' END,
               %(now)s
        FROM alert_events e
        JOIN user_alert_prefs p ON (p.alert_type = e.alert_type OR p.alert_type = '*')
@@ -103,28 +101,42 @@ REFERENCE_SQL = [
     "UPDATE alert_events SET status = 'fanned_out' WHERE status = 'ready'",
 ]
 
+
+def reference_sql(bypass_severity: int | None) -> list[str]:
+    """The hand-written statements; with a bypass severity (SPEC §10.2) a digest pref
+    matching an event at or above it makes an instant delivery."""
+    instant = "bool_or(p.delivery_kind = 'instant')"
+    if bypass_severity is not None:
+        instant = f"({instant} OR e.severity >= {int(bypass_severity)})"
+    return [sql.replace("{instant}", instant) for sql in REFERENCE_SQL]
+
 # What both runs must leave behind, compared after each.
 OUTCOME_SQL = """
     SELECT (SELECT count(*) FROM user_alert_deliveries),
            (SELECT count(*) FROM alert_events WHERE status = 'fanned_out'),
            (SELECT md5(string_agg(concat_ws('|', user_id, alert_event_id, channel, delivery_kind, status,
-                                            last_error, created_at),
+                                            last_error, next_retry_at),
                                   ',' ORDER BY user_id, alert_event_id, channel))
               FROM user_alert_deliveries),
            (SELECT count(*) FILTER (WHERE last_error = 'sms_digest_not_supported') FROM user_alert_deliveries),
-           (SELECT count(*) FILTER (WHERE delivery_kind = 'digest') FROM user_alert_deliveries)
+           (SELECT count(*) FILTER (WHERE delivery_kind = 'digest') FROM user_alert_deliveries),
+           -- One created_at for the whole run; not compared, since Phase B's is the run's clock,
+           -- which has moved on a few milliseconds from NOW by the time it reads it.
+           (SELECT count(DISTINCT created_at) FROM user_alert_deliveries)
 """
 
 
 def main() -> None:
     args = _parse()
     if args.child:
-        return _child(args.database_url)
+        return _child(args.database_url, args.bypass_severity)
     with database(args.database_url) as url:
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
         result = _measure(engine, url, args)
         engine.dispose()
     _report(result)
+    if args.bypass_severity is not None:
+        print(f"both with ALERTS_DIGEST_BYPASS_SEVERITY={args.bypass_severity}")
 
 
 def _parse() -> argparse.Namespace:
@@ -138,6 +150,8 @@ def _parse() -> argparse.Namespace:
                         "reported (default: 3)")
     p.add_argument("--database-url", help="PostgreSQL URL to use (its alert tables are emptied); "
                                           "default: a throwaway database on 127.0.0.1")
+    p.add_argument("--bypass-severity", type=int, choices=range(1, 6), metavar="N",
+                   help="run both with ALERTS_DIGEST_BYPASS_SEVERITY=N (SPEC §10.2; default: unset)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.child and not 0 < args.match_ratio <= 1:
@@ -160,7 +174,8 @@ def _measure(engine, url: str, args) -> dict:
         for which in ("phase_b", "reference") if n % 2 == 0 else ("reference", "phase_b"):
             _reset(engine)
             print(f"[bench] round {n + 1}: {which}", file=sys.stderr)
-            run = _run_phase_b(url) if which == "phase_b" else _run_reference(engine)
+            run = _run_phase_b(url, args.bypass_severity) if which == "phase_b" else _run_reference(
+                engine, args.bypass_severity)
             with engine.connect() as conn:
                 outcome = tuple(conn.exec_driver_sql(OUTCOME_SQL).one())
             expected = expected or outcome
@@ -186,26 +201,27 @@ def _reset(engine) -> None:
         conn.exec_driver_sql("CHECKPOINT")
 
 
-def _run_phase_b(url: str) -> dict:
-    child = subprocess.run([sys.executable, __file__, "--child", "--database-url", url],
+def _run_phase_b(url: str, bypass_severity: int | None) -> dict:
+    bypass = [] if bypass_severity is None else ["--bypass-severity", str(bypass_severity)]
+    child = subprocess.run([sys.executable, __file__, "--child", "--database-url", url, *bypass],
                            check=True, capture_output=True, text=True)
     return json.loads(child.stdout)
 
 
-def _run_reference(engine) -> dict:
+def _run_reference(engine, bypass_severity: int | None) -> dict:
     with engine.connect() as conn:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
         cpu = _backend_cpu(backend)
         started = time.perf_counter()
         conn.exec_driver_sql("BEGIN")  # one transaction, as Phase B (the engine is AUTOCOMMIT)
-        for sql in REFERENCE_SQL:
+        for sql in reference_sql(bypass_severity):
             conn.exec_driver_sql(sql, {"now": NOW})
         conn.exec_driver_sql("COMMIT")
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "backend_cpu_s": _cpu_delta(cpu, _backend_cpu(backend))}
 
 
-def _child(url: str) -> None:
+def _child(url: str, bypass_severity: int | None) -> None:
     """Runs in its own process: Phase B once, then its time and counts as JSON."""
     from alerts.channels.registry import ChannelSet
     from alerts.clock import Clock
@@ -213,7 +229,10 @@ def _child(url: str) -> None:
     from alerts.db import Database
     from alerts.phases.fanout import run_phase_b
 
-    settings = Settings.from_env({"DATABASE_URL": url})
+    env = {"DATABASE_URL": url}
+    if bypass_severity is not None:
+        env["ALERTS_DIGEST_BYPASS_SEVERITY"] = str(bypass_severity)
+    settings = Settings.from_env(env)
     engine = make_engine(url, pool_size=1, max_overflow=0)  # one connection: the backend measured
     with engine.connect() as conn:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
