@@ -185,10 +185,10 @@ sa.Index(
 )
 sa.Index("ix_prefs_match", user_alert_prefs.c.alert_type, user_alert_prefs.c.region)
 # Migration 0006: Phase B's look-ups for collapse (§10.3) and quiet hours (§10.4).
-sa.Index("ix_events_collapse_key", alert_events.c.collapse_key,
-         postgresql_where=alert_events.c.collapse_key.is_not(None), sqlite_where=alert_events.c.collapse_key.is_not(None))
+_has_key, _has_quiet = alert_events.c.collapse_key.is_not(None), users.c.quiet_hours.is_not(None)
+sa.Index("ix_events_collapse_key", alert_events.c.collapse_key, postgresql_where=_has_key, sqlite_where=_has_key)
 sa.Index("ix_users_quiet_hours", users.c.timezone, users.c.quiet_hours,
-         postgresql_where=users.c.quiet_hours.is_not(None), sqlite_where=users.c.quiet_hours.is_not(None))
+         postgresql_where=_has_quiet, sqlite_where=_has_quiet)
 
 # --- digests (migration 0002) -----------------------------------------------------------
 

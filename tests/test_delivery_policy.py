@@ -297,8 +297,8 @@ def test_alerts_status_counts_the_held_deliveries_and_names_the_earliest_release
             add_pref(conn, user)
         event(conn, EVENING, severity=2)
         event(conn, EVENING, severity=3)
-        retrying = add_delivery(conn, amsterdam, add_event(conn, status="fanned_out"), attempts=1,
-                                next_retry_at=EVENING + timedelta(minutes=5))  # a retry is not held
+        add_delivery(conn, amsterdam, add_event(conn, status="fanned_out"), attempts=1,
+                     next_retry_at=EVENING + timedelta(minutes=5))  # a retry is not held
     fan_out(db, settings, EVENING)
     env = {"DATABASE_URL": db_url}
 
