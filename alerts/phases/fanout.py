@@ -221,11 +221,13 @@ def _supersede(conn: Connection) -> int:
         sa.select(ranked.c.id, reason).where(ranked.c.rank > 1, ranked.c.status == m.QUEUED))).rowcount
     superseded = 0
     if found:
+        if is_postgres(conn):
+            conn.exec_driver_sql(f"ANALYZE {_superseded.name}")
         s = _superseded
+        # UPDATE … FROM (both databases): a join, not a subquery per row.
         superseded = conn.execute(
-            sa.update(d).where(d.c.id.in_(sa.select(s.c.delivery_id)), d.c.status == m.QUEUED, instant)
-            .values(status=m.SKIPPED,
-                    last_error=sa.select(s.c.reason).where(s.c.delivery_id == d.c.id).scalar_subquery())
+            sa.update(d).where(d.c.id == s.c.delivery_id, d.c.status == m.QUEUED, instant)
+            .values(status=m.SKIPPED, last_error=s.c.reason)
         ).rowcount
     _superseded.drop(conn)
     return superseded
