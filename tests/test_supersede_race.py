@@ -56,7 +56,7 @@ def test_a_supersede_racing_the_send_of_the_older_row_leaves_one_or_both_sent_ne
         pg_url, smtp_server, tmp_path):
     stories = seed(pg_url)
     env = runner_env(pg_url, smtp_server, ALERTS_SEND_BATCH_SIZE="5")
-    smtp_server.data_delay = 0.01
+    smtp_server.data_delay = 0.02  # 300 older sends take 6 s or more: Phase B starts well inside them
     go = tmp_path / "go"
     senders = [subprocess.Popen([sys.executable, "-m", "tests.e2e_race", "send", "--now", NOW, "--go", str(go)],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
