@@ -36,6 +36,14 @@ def destination_disabled(reason: str) -> str:
     return f"{DESTINATION_DISABLED}: {reason}"
 
 
+SUPERSEDED_BY = "superseded by #"  # + the id of the newer event of the same collapse_key (§10.3)
+MAX_COLLAPSE_KEY_CHARS = 200
+
+
+def superseded_by(event_id: int) -> str:
+    return f"{SUPERSEDED_BY}{event_id}"
+
+
 def no_address(channel: str) -> str:
     return f"recipient has no {RECIPIENT_COLUMNS[channel]}"
 
@@ -187,6 +195,11 @@ sa.Index(
     sqlite_where=alert_events.c.status.in_(("new", "ready")),
 )
 sa.Index("ix_prefs_match", user_alert_prefs.c.alert_type, user_alert_prefs.c.region)
+# Migration 0006: Phase B's look-ups for collapse (§10.3) and quiet hours (§10.4).
+_has_key, _has_quiet = alert_events.c.collapse_key.is_not(None), users.c.quiet_hours.is_not(None)
+sa.Index("ix_events_collapse_key", alert_events.c.collapse_key, postgresql_where=_has_key, sqlite_where=_has_key)
+sa.Index("ix_users_quiet_hours", users.c.timezone, users.c.quiet_hours,
+         postgresql_where=_has_quiet, sqlite_where=_has_quiet)
 
 # --- digests (migration 0002) -----------------------------------------------------------
 

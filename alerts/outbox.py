@@ -227,7 +227,8 @@ class DigestOutbox(Outbox):
 
 INSTANT, DIGESTS = InstantOutbox(), DigestOutbox()
 OUTBOXES = (INSTANT, DIGESTS)  # Phase C sends instant deliveries first
-EVENT_KEYS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at")
+EVENT_KEYS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at",
+              "collapse_key")
 
 
 def recover(conn: Connection, now: datetime, settings: Settings) -> dict[str, int]:

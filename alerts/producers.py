@@ -36,7 +36,7 @@ MAX_EVENT_KEY_CHARS = 200  # keeps the UNIQUE index entry far below PostgreSQL's
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1  # the severity column is a 32-bit integer
 
 REQUIRED_TEXT = ("event_key", "alert_type", "title")
-OPTIONAL_TEXT = ("region", "summary", "url")
+OPTIONAL_TEXT = ("region", "summary", "url", "collapse_key")  # collapse_key: §10.3; Phase A checks its length
 COLUMNS = frozenset(REQUIRED_TEXT + OPTIONAL_TEXT + ("severity", "payload", "created_at"))
 
 

@@ -44,7 +44,19 @@ def collect(engine: Engine, now: datetime) -> dict:
         ).mappings()
         report["recently_rejected_events"] = [dict(row) for row in rejected]
         report["blocked_destinations"] = blocks.counts(conn)  # §11.6: in force, by channel and reason
+        report["held_by_quiet_hours"] = _held(conn, now)
     return report
+
+
+def _held(conn, now: datetime) -> dict:
+    """Instant deliveries held by quiet hours (§10.4): queued, never attempted, due later.
+    Nothing else makes such a row — a retry has counted an attempt."""
+    d = m.user_alert_deliveries
+    count, earliest = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(d.c.next_retry_at))
+        .where(d.c.status == m.QUEUED, d.c.delivery_kind == m.INSTANT, d.c.attempts == 0, d.c.next_retry_at > now)
+    ).one()
+    return {"count": count, "earliest_release": earliest}
 
 
 def render(report: dict) -> str:
@@ -53,6 +65,10 @@ def render(report: dict) -> str:
         shown = ", ".join(f"{status} {n}" for status, n in counts.items()) or "empty"
         age = report["oldest_pending"][name]
         lines.append(f"{name}: {shown}" + ("" if age is None else f"   (oldest pending: {_age(age)})"))
+    held = report.get("held_by_quiet_hours")
+    if held and held["count"]:
+        lines.append(f"instant deliveries held by quiet hours: {held['count']}"
+                     f" (earliest release {held['earliest_release']:%Y-%m-%d %H:%M:%S} UTC)")
     if report["recent_errors"]:
         lines.append("recent errors:")
         lines += [f"  {e['table']} #{e['id']} {e['status']} after {e['attempts']} attempt(s): "

@@ -1,6 +1,7 @@
 """Benchmark Phase B (fan-out) on PostgreSQL against one hand-written INSERT … SELECT.
 
-    python bench/bench_fanout.py --users 50000 --events 200 --match-ratio 0.1
+    python bench/bench_fanout.py --users 50000 --events 200 --match-ratio 0.1 [--bypass-severity 4]
+    python bench/bench_fanout.py --collapse-stories 10 --quiet-share 0.3   # SPEC §10.3, §10.4
 
 Bulk-loads users, preferences and ready events (generate_series, no Python loops) so
 that each user's preferences match about ``--match-ratio`` of the events (the default
@@ -84,47 +85,90 @@ RESET_SQL = [
 # What one would write by hand for this job on PostgreSQL.
 REFERENCE_SQL = [
     """INSERT INTO user_alert_deliveries
-           (user_id, alert_event_id, channel, delivery_kind, status, last_error, created_at)
+           (user_id, alert_event_id, channel, delivery_kind, status, last_error, created_at, next_retry_at)
        SELECT p.user_id, e.id, p.channel,
-              CASE WHEN bool_or(p.delivery_kind = 'instant') THEN 'instant' ELSE 'digest' END,
-              CASE WHEN p.channel = 'sms' AND NOT bool_or(p.delivery_kind = 'instant')
-                   THEN 'skipped' ELSE 'queued' END,
-              CASE WHEN p.channel = 'sms' AND NOT bool_or(p.delivery_kind = 'instant')
-                   THEN 'sms_digest_not_supported' END,
-              %(now)s
+              CASE WHEN {instant} THEN 'instant' ELSE 'digest' END,
+              CASE WHEN p.channel = 'sms' AND NOT {instant} THEN 'skipped' ELSE 'queued' END,
+              CASE WHEN p.channel = 'sms' AND NOT {instant} THEN 'sms_digest_not_supported' END,
+              %(now)s, {held}
        FROM alert_events e
        JOIN user_alert_prefs p ON (p.alert_type = e.alert_type OR p.alert_type = '*')
                               AND (p.region = e.region OR p.region = '*')
                               AND e.severity >= p.min_severity
        JOIN users u ON u.id = p.user_id
        WHERE e.status = 'ready' AND p.enabled AND u.is_active
-       GROUP BY p.user_id, e.id, p.channel
+       GROUP BY p.user_id, e.id, p.channel, u.timezone, u.quiet_hours
        ON CONFLICT (user_id, alert_event_id, channel) DO NOTHING""",
     "UPDATE alert_events SET status = 'fanned_out' WHERE status = 'ready'",
 ]
+
+
+# Quiet hours by hand (SPEC §10.4), for the periods the benchmark loads: they do not wrap
+# midnight and no DST change falls in them, so plain AT TIME ZONE arithmetic is right.
+HELD_SQL = """CASE WHEN {instant} AND e.severity < 5 AND u.quiet_hours IS NOT NULL
+        AND (%(now)s AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam'))::time
+            >= split_part(u.quiet_hours, '-', 1)::time
+        AND (%(now)s AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam'))::time
+            < split_part(u.quiet_hours, '-', 2)::time
+      THEN ((%(now)s AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam'))::date
+            + split_part(u.quiet_hours, '-', 2)::time) AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam') END"""
+# The supersede by hand (SPEC §10.3): every event is new here, so every group is touched.
+SUPERSEDE_SQL = """
+    UPDATE user_alert_deliveries d
+       SET status = 'skipped', last_error = 'superseded by #' || r.newest
+      FROM (SELECT d.id, row_number() OVER w AS rank, first_value(e.id) OVER w AS newest
+              FROM user_alert_deliveries d JOIN alert_events e ON e.id = d.alert_event_id
+             WHERE d.delivery_kind = 'instant' AND e.collapse_key IS NOT NULL
+            WINDOW w AS (PARTITION BY d.user_id, d.channel, e.collapse_key
+                         ORDER BY e.created_at DESC, e.id DESC)) r
+     WHERE d.id = r.id AND r.rank > 1 AND d.status = 'queued'"""
+
+
+def reference_sql(bypass_severity: int | None, quiet: bool = False, collapse: bool = False) -> list[str]:
+    """The hand-written statements; with a bypass severity (SPEC §10.2) a digest pref
+    matching an event at or above it makes an instant delivery; with quiet hours and
+    collapse keys loaded, the held deliveries and the supersede."""
+    instant = "bool_or(p.delivery_kind = 'instant')"
+    if bypass_severity is not None:
+        instant = f"({instant} OR e.severity >= {int(bypass_severity)})"
+    held = HELD_SQL if quiet else "NULL::timestamptz"
+    statements = [sql.replace("{held}", held).replace("{instant}", instant) for sql in REFERENCE_SQL]
+    if collapse:
+        statements.insert(1, SUPERSEDE_SQL)
+    return statements
 
 # What both runs must leave behind, compared after each.
 OUTCOME_SQL = """
     SELECT (SELECT count(*) FROM user_alert_deliveries),
            (SELECT count(*) FROM alert_events WHERE status = 'fanned_out'),
            (SELECT md5(string_agg(concat_ws('|', user_id, alert_event_id, channel, delivery_kind, status,
-                                            last_error, created_at),
+                                            last_error, next_retry_at),
                                   ',' ORDER BY user_id, alert_event_id, channel))
               FROM user_alert_deliveries),
            (SELECT count(*) FILTER (WHERE last_error = 'sms_digest_not_supported') FROM user_alert_deliveries),
-           (SELECT count(*) FILTER (WHERE delivery_kind = 'digest') FROM user_alert_deliveries)
+           (SELECT count(*) FILTER (WHERE delivery_kind = 'digest') FROM user_alert_deliveries),
+           -- One created_at for the whole run; not compared, since Phase B's is the run's clock,
+           -- which has moved on a few milliseconds from NOW by the time it reads it.
+           (SELECT count(DISTINCT created_at) FROM user_alert_deliveries),
+           (SELECT count(*) FILTER (WHERE left(last_error, 14) = 'superseded by ') FROM user_alert_deliveries),
+           (SELECT count(*) FILTER (WHERE next_retry_at IS NOT NULL) FROM user_alert_deliveries)
 """
 
 
 def main() -> None:
     args = _parse()
     if args.child:
-        return _child(args.database_url)
+        return _child(args.database_url, args.bypass_severity)
     with database(args.database_url) as url:
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
         result = _measure(engine, url, args)
         engine.dispose()
     _report(result)
+    if args.bypass_severity is not None:
+        print(f"both with ALERTS_DIGEST_BYPASS_SEVERITY={args.bypass_severity}")
+    if args.collapse_stories or args.quiet_share:
+        print(f"collapse stories {args.collapse_stories}, quiet-hours share {args.quiet_share:g}: "
+              f"superseded {result['superseded']}, held {result['held']}")
 
 
 def _parse() -> argparse.Namespace:
@@ -138,6 +182,13 @@ def _parse() -> argparse.Namespace:
                         "reported (default: 3)")
     p.add_argument("--database-url", help="PostgreSQL URL to use (its alert tables are emptied); "
                                           "default: a throwaway database on 127.0.0.1")
+    p.add_argument("--bypass-severity", type=int, choices=range(1, 6), metavar="N",
+                   help="run both with ALERTS_DIGEST_BYPASS_SEVERITY=N (SPEC §10.2; default: unset)")
+    p.add_argument("--collapse-stories", type=int, default=0, metavar="N",
+                   help="give every event one of N collapse keys (SPEC §10.3; default: none)")
+    p.add_argument("--quiet-share", type=float, default=0.0, metavar="F",
+                   help="give this share of the users quiet hours 10:00-18:00 in one of three zones, "
+                        "two of which are inside them at the benchmark's now (SPEC §10.4; default: 0)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.child and not 0 < args.match_ratio <= 1:
@@ -153,6 +204,14 @@ def _measure(engine, url: str, args) -> dict:
     with engine.connect() as conn:
         for sql in LOAD_SQL:
             conn.exec_driver_sql(sql, params)
+        if args.collapse_stories:
+            conn.exec_driver_sql("UPDATE alert_events SET collapse_key = 'story-' || (id %% %(n)s)",
+                                 {"n": args.collapse_stories})
+        if args.quiet_share:
+            conn.exec_driver_sql(
+                "UPDATE users SET quiet_hours = '10:00-18:00', "
+                "timezone = (ARRAY['Europe/Amsterdam', 'America/New_York', 'UTC'])[id %% 3 + 1] "
+                "WHERE id %% 1000 < %(share)s", {"share": round(args.quiet_share * 1000)})
     runs = {"phase_b": [], "reference": []}
     expected = None
     for n in range(args.rounds):
@@ -160,7 +219,8 @@ def _measure(engine, url: str, args) -> dict:
         for which in ("phase_b", "reference") if n % 2 == 0 else ("reference", "phase_b"):
             _reset(engine)
             print(f"[bench] round {n + 1}: {which}", file=sys.stderr)
-            run = _run_phase_b(url) if which == "phase_b" else _run_reference(engine)
+            run = _run_phase_b(url, args.bypass_severity) if which == "phase_b" else _run_reference(
+                engine, reference_sql(args.bypass_severity, args.quiet_share > 0, args.collapse_stories > 0))
             with engine.connect() as conn:
                 outcome = tuple(conn.exec_driver_sql(OUTCOME_SQL).one())
             expected = expected or outcome
@@ -173,6 +233,7 @@ def _measure(engine, url: str, args) -> dict:
             print(f"[bench]   {run['seconds']:.2f} s", file=sys.stderr)
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child, KiB on Linux
     return {"deliveries": expected[0], "events": expected[1], "skipped": expected[3], "digest": expected[4],
+            "superseded": expected[6], "held": expected[7],
             "runs": runs, "rss_mb": rss_mb}
 
 
@@ -186,26 +247,27 @@ def _reset(engine) -> None:
         conn.exec_driver_sql("CHECKPOINT")
 
 
-def _run_phase_b(url: str) -> dict:
-    child = subprocess.run([sys.executable, __file__, "--child", "--database-url", url],
+def _run_phase_b(url: str, bypass_severity: int | None) -> dict:
+    bypass = [] if bypass_severity is None else ["--bypass-severity", str(bypass_severity)]
+    child = subprocess.run([sys.executable, __file__, "--child", "--database-url", url, *bypass],
                            check=True, capture_output=True, text=True)
     return json.loads(child.stdout)
 
 
-def _run_reference(engine) -> dict:
+def _run_reference(engine, statements: list[str]) -> dict:
     with engine.connect() as conn:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
         cpu = _backend_cpu(backend)
         started = time.perf_counter()
         conn.exec_driver_sql("BEGIN")  # one transaction, as Phase B (the engine is AUTOCOMMIT)
-        for sql in REFERENCE_SQL:
+        for sql in statements:
             conn.exec_driver_sql(sql, {"now": NOW})
         conn.exec_driver_sql("COMMIT")
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "backend_cpu_s": _cpu_delta(cpu, _backend_cpu(backend))}
 
 
-def _child(url: str) -> None:
+def _child(url: str, bypass_severity: int | None) -> None:
     """Runs in its own process: Phase B once, then its time and counts as JSON."""
     from alerts.channels.registry import ChannelSet
     from alerts.clock import Clock
@@ -213,7 +275,10 @@ def _child(url: str) -> None:
     from alerts.db import Database
     from alerts.phases.fanout import run_phase_b
 
-    settings = Settings.from_env({"DATABASE_URL": url})
+    env = {"DATABASE_URL": url}
+    if bypass_severity is not None:
+        env["ALERTS_DIGEST_BYPASS_SEVERITY"] = str(bypass_severity)
+    settings = Settings.from_env(env)
     engine = make_engine(url, pool_size=1, max_overflow=0)  # one connection: the backend measured
     with engine.connect() as conn:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()

@@ -48,6 +48,7 @@ import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,6 +75,15 @@ REGIONS = ("NL", "DE", "FR", "GB", "NO")
 FAULTS = ("worker_kill", "pool_child_kill", "redis_restart", "pg_terminate", "pg_outage", "second_beat", "double_publish",
           "smtp_451_burst", "smtp_550", "smtp_slow_data", "tg_429", "tg_403", "tg_5xx", "runner", "unsubscribe")
 WORKERS = 2
+# SPEC §10: critical events skip the digest; a share of the users keep quiet hours that
+# started just before the run and end part-way through it (held deliveries are released
+# while it runs, so it still drains); a share of the events tell stories in several
+# updates (collapse_key), so digests collapse them and queued instant ones are superseded.
+BYPASS_SEVERITY = 5
+QUIET_SHARE = 0.3
+COLLAPSE_SHARE = 0.4
+STORIES = 25
+DEFAULT_TZ = "Europe/Amsterdam"
 LEASE_SECONDS = 30  # longer than any one send can take here (timeouts 10 s, slow DATA 2 s)
 SEND_TIMEOUT_SECONDS = 10
 SLOW_DATA_SECONDS = 2.0
@@ -96,6 +106,7 @@ WORKER_ENV = {
     # Every email carries the one-click headers; the unsubscribe fault POSTs to the web app.
     "ALERTS_PUBLIC_URL": "https://alerts.soak.test",
     "ALERTS_SECRET_KEY": "soak-secret-key-of-at-least-32-characters",
+    "ALERTS_DIGEST_BYPASS_SEVERITY": str(BYPASS_SEVERITY),
 }
 UNSUBSCRIBE_GIVE_UP_SECONDS = 150  # a POST answered 503 (a send in flight) is tried again until then
 
@@ -329,11 +340,13 @@ def seed_users(stack: Stack, n: int) -> dict:
     users, prefs = [], []
     for i in range(1, n + 1):
         hourly = rng.random() < 0.4
+        zone = rng.choice(TIMEZONES)
         users.append({"id": i, "email": f"user{i}@soak.test" if rng.random() < 0.92 else None,
                       "telegram_chat_id": str(700000 + i) if rng.random() < 0.7 else None,
                       "phone": None, "plan": HOURLY_PLAN if hourly and rng.random() < 0.75 else "free",
-                      "timezone": rng.choice(TIMEZONES), "digest_period": "hourly" if hourly else None,
-                      "is_active": rng.random() > 0.03})
+                      "timezone": zone, "digest_period": "hourly" if hourly else None,
+                      "is_active": rng.random() > 0.03,
+                      "quiet_hours": quiet_hours(zone, stack.args.duration) if rng.random() < QUIET_SHARE else None})
         users[-1]["digest_send_time"] = SEND_TIMES[i % len(SEND_TIMES)]
         seen = set()
         for _ in range(rng.randint(1, 3)):
@@ -360,6 +373,15 @@ def seed_users(stack: Stack, n: int) -> dict:
         stack.api.telegram_error(*BLOCKED, chat_id=chat)
         refused["telegram"].add(chat)
     return {"emails": emails, "chats": chats, "prefs": len(prefs), "refused": refused}
+
+
+def quiet_hours(zone: str | None, duration: float) -> str:
+    """A quiet period, in the user's local time, that began a minute ago and ends about
+    half-way through the run (on a minute boundary)."""
+    local = datetime.now(ZoneInfo(zone or DEFAULT_TZ))
+    start = local.replace(second=0, microsecond=0) - timedelta(minutes=1)
+    end = (local + timedelta(seconds=duration / 2 + 60)).replace(second=0, microsecond=0)
+    return f"{start:%H:%M}-{end:%H:%M}"
 
 
 # --- producers ------------------------------------------------------------------------------
@@ -400,6 +422,8 @@ class Producers:
                  "summary": rng.choice([None, f"Reason {n} — pipelines & <flows>", "Ünïcode ✓ 🔥"]),
                  "url": rng.choice([None, f"https://example.com/e/{n}?a=1&b=2"]),
                  "created_at": (self.sim_now() - timedelta(seconds=lateness * self.speed / 60)).isoformat()}
+        if rng.random() < COLLAPSE_SHARE:
+            event["collapse_key"] = f"story-{rng.randint(1, STORIES)}"
         valid = True
         if rng.random() < 0.02:
             valid = False
@@ -774,7 +798,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    list(stack.api.telegram_messages.times)))
         with stack.engine.connect() as conn:
             report = soak_check.check(conn, producers.valid, arrivals, faults.log, frozenset({HOURLY_PLAN}),
-                                      "Europe/Amsterdam", "daily", unsubscribes=faults.unsubscribes)
+                                      DEFAULT_TZ, "daily", unsubscribes=faults.unsubscribes,
+                                      bypass_severity=BYPASS_SEVERITY)
             soak_check.check_blocks(report, conn, faults.refused, {"email": list(stack.smtp.rcpt_log),
                                                                    "telegram": list(stack.api.telegram_requests)})
         if faults.errors:
@@ -795,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                        "latest_request_after_ms": c["latest_request_after_block_ms"]},
             "accounted": {k: v for k, v in sorted(c.items()) if k.startswith(("instant_", "in_digest_", "digests_",
                                                                                  "digest_kind"))},
+            "superseded": c["instant_superseded"], "held_by_quiet_hours": c["instant_held_by_quiet_hours"],
         }
         for text in report.excused:
             log(f"crash-window duplicate (SPEC 2.7): {text}")
@@ -811,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
               f"violations={len(report.violations)} drained={'yes' if drained else 'NO'} in {drain_seconds:.0f}s "
               f"blocks={c['blocks_email'] + c['blocks_telegram']} (skipped {c['destination_disabled_skips']}, "
               f"requests after a block {c['requests_after_block']}, latest +{c['latest_request_after_block_ms']}ms) "
+              f"superseded={c['instant_superseded']} held_by_quiet_hours={c['instant_held_by_quiet_hours']} "
               f"crashes={json.dumps(dict(stack.crashes), separators=(',', ':'))}",
               flush=True)
         if args.json:

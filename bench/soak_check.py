@@ -103,10 +103,13 @@ def _more(text: str) -> int:
 # --- the check ----------------------------------------------------------------------------------
 
 def check(conn, produced: dict[str, bool], arrivals: list[Arrival], faults: list[tuple[float, str]],
-          hourly_plans: frozenset[str], default_tz: str, default_period: str,
-          unsubscribes: Sequence[tuple[int, str, float]] = ()) -> Report:
+          hourly_plans: frozenset[str], default_tz: str, default_period: str, *,
+          unsubscribes: Sequence[tuple[int, str, float]] = (),
+          bypass_severity: int | None = None, quiet_bypass_severity: int = 5) -> Report:
     """``produced``: every event_key a producer sent → whether it is a valid event.
-    ``unsubscribes``: (user, channel, time.time() of the POST's 200) of one-click unsubscribes."""
+    ``unsubscribes``: (user, channel, time.time() of the POST's 200) of one-click unsubscribes.
+    ``bypass_severity`` / ``quiet_bypass_severity``: the workers' ALERTS_DIGEST_BYPASS_SEVERITY
+    and ALERTS_QUIET_HOURS_BYPASS_SEVERITY (SPEC §10.2, §10.4)."""
     r = Report()
     users = {u.id: u for u in conn.execute(sa.select(m.users))}
     prefs = conn.execute(sa.select(m.user_alert_prefs)).all()
@@ -117,11 +120,12 @@ def check(conn, produced: dict[str, bool], arrivals: list[Arrival], faults: list
 
     _check_events(r, produced, events)
     unsubscribed = {(user, channel): at for user, channel, at in unsubscribes}
-    _check_fanout(r, users, prefs, events, deliveries, set(unsubscribed))
+    _check_fanout(r, users, prefs, events, deliveries, set(unsubscribed), bypass_severity)
     digest_of = _check_digests(r, users, events, deliveries, digests, items, hourly_plans, default_tz,
                                default_period)
     _check_deliveries(r, deliveries, digests, digest_of)
-    _check_messages(r, users, deliveries, digests, digest_of, arrivals, faults)
+    _check_policy(r, users, events, deliveries, default_tz, quiet_bypass_severity)
+    _check_messages(r, users, events, deliveries, digests, digest_of, arrivals, faults)
     _check_unsubscribes(r, users, unsubscribed, arrivals)
     r.counts.update(events=len(events), deliveries=len(deliveries), digests=len(digests),
                     messages=len(arrivals))
@@ -177,7 +181,8 @@ def _check_events(r: Report, produced: dict[str, bool], events: dict) -> None:
     r.counts["events_rejected"] = sum(e.status == "rejected" for e in events.values())
 
 
-def _check_fanout(r: Report, users, prefs, events, deliveries, unsubscribed: set = frozenset()) -> None:
+def _check_fanout(r: Report, users, prefs, events, deliveries, unsubscribed: set = frozenset(),
+                  bypass_severity: int | None = None) -> None:
     """The deliveries Phase B must have made, worked out independently from the prefs.
     An unsubscribed (user, channel) is left out: its prefs changed during the run (its
     rows are checked by ``_check_deliveries`` and ``_check_unsubscribes``)."""
@@ -191,7 +196,8 @@ def _check_fanout(r: Report, users, prefs, events, deliveries, unsubscribed: set
                     and p.region in (ANY, e.region) and e.severity >= p.min_severity):
                 matched[(p.user_id, p.channel)].add(p.delivery_kind)
         for (user_id, channel), kinds in matched.items():
-            expected[(user_id, e.id, channel)] = "instant" if "instant" in kinds else "digest"
+            bypass = bypass_severity is not None and e.severity >= bypass_severity
+            expected[(user_id, e.id, channel)] = "instant" if "instant" in kinds or bypass else "digest"
     expected = {key: kind for key, kind in expected.items() if (key[0], key[2]) not in unsubscribed}
     actual = {(d.user_id, d.alert_event_id, d.channel): d for d in deliveries.values()
               if (d.user_id, d.channel) not in unsubscribed}
@@ -313,7 +319,7 @@ def _describe(copies: list[Arrival], faults, rows) -> str:
     return "; ".join(parts)
 
 
-def _check_messages(r: Report, users, deliveries, digests, digest_of, arrivals, faults) -> None:
+def _check_messages(r: Report, users, events, deliveries, digests, digest_of, arrivals, faults) -> None:
     email_user = {(u.email or "").strip().lower(): u.id for u in users.values() if u.email}
     chat_user = {(u.telegram_chat_id or "").strip(): u.id for u in users.values() if u.telegram_chat_id}
     delivery_of = {(d.user_id, d.alert_event_id, d.channel): d for d in deliveries.values()}
@@ -345,9 +351,15 @@ def _check_messages(r: Report, users, deliveries, digests, digest_of, arrivals, 
         if a.row[0] == "digest":
             expected = sorted(deliveries[i].alert_event_id for i, g in digest_of.items() if g == a.row[1])
             shown_ok = set(a.events) <= set(expected) and len(set(a.events)) == len(a.events)
-            if not shown_ok or len(a.events) + a.more != len(expected):
-                r.bad("digest_body_mismatch", f"digest {a.row[1]} message shows {sorted(a.events)}, "
-                                              f"items are {expected}")
+            # Items, not events (§10.3): the events of one collapse_key are one item, shown whole.
+            items = defaultdict(set)
+            for event_id in expected:
+                items[_item_of(events[event_id])].add(event_id)
+            shown_items = {_item_of(events[i]) for i in a.events if i in events}
+            whole = all(items[item] <= set(a.events) for item in shown_items)
+            if not shown_ok or not whole or len(shown_items) + a.more != len(items):
+                r.bad("digest_body_mismatch", f"digest {a.row[1]} message shows {sorted(a.events)} "
+                                              f"(+{a.more} more), items are {dict(items)}")
         per_row[a.row].append(a)
 
     for (channel, user, event_id), copies in per_event.items():
@@ -377,6 +389,43 @@ def _check_messages(r: Report, users, deliveries, digests, digest_of, arrivals, 
                 and ("delivery", d.id) not in per_row:
             r.lost += 1
             r.bad("sent_delivery_never_arrived", f"delivery {d.id} ({d.channel}) is sent, nothing arrived")
+
+
+def _item_of(event) -> tuple:
+    return ("key", event.collapse_key) if event.collapse_key is not None else ("event", event.id)
+
+
+def _check_policy(r: Report, users, events, deliveries, default_tz: str, quiet_bypass_severity: int) -> None:
+    """§10.3 supersedes and §10.4 quiet hours, worked out independently from the rows.
+
+    - an instant delivery skipped as ``superseded by #X``: X is a newer event (created_at,
+      then id) of the same collapse_key with an instant delivery to the same user and
+      channel — so the superseded one is accounted for, not lost;
+    - an instant delivery created inside its user's quiet period, below the bypass
+      severity, was not sent before the period ended."""
+    from alerts.quiet_hours import release_at
+
+    by_user_event = {(d.user_id, d.alert_event_id, d.channel): d for d in deliveries.values()}
+    for d in deliveries.values():
+        if d.delivery_kind != "instant":
+            continue
+        e = events[d.alert_event_id]
+        if d.status == "skipped" and (d.last_error or "").startswith(m.SUPERSEDED_BY):
+            newer = events.get(int(d.last_error[len(m.SUPERSEDED_BY):]))
+            by = by_user_event.get((d.user_id, newer.id, d.channel)) if newer is not None else None
+            if (newer is None or e.collapse_key is None or newer.collapse_key != e.collapse_key
+                    or (newer.created_at, newer.id) <= (e.created_at, e.id) or by is None
+                    or by.delivery_kind != "instant"):
+                r.bad("supersede_invalid", f"delivery {d.id} (event {e.id}, key {e.collapse_key}) {d.last_error}")
+            r.counts["instant_superseded"] += 1
+        u = users[d.user_id]
+        if d.status == "sent" and u.quiet_hours and e.severity < quiet_bypass_severity:
+            release = release_at(d.created_at, u.quiet_hours, ZoneInfo(u.timezone or default_tz))
+            if release is not None:
+                r.counts["instant_held_by_quiet_hours"] += 1
+                if d.sent_at < release:
+                    r.bad("quiet_hours_broken", f"delivery {d.id} created {d.created_at} inside {u.quiet_hours} "
+                                                f"({u.timezone or default_tz}) sent {d.sent_at}, before {release}")
 
 
 def _email_row(r: Report, a: Arrival, digest_by_key) -> set:

@@ -66,6 +66,7 @@ def test_a_good_event_has_no_reject_reason(changes):
     ({"url": "http://example.com:99999/"}, "url: not a valid URL"),
     ({"url": "https://e.com/" + "x" * 2035}, "url: longer than 2048 characters"),
     ({"summary": "x" * 2001}, "summary: longer than 2000 characters"),
+    ({"collapse_key": "k" * 201}, "collapse_key: longer than 200 characters"),
 ])
 def test_a_bad_event_gets_a_reason_naming_the_field(changes, reason):
     assert validate_event({**GOOD, **changes}) == reason
@@ -188,3 +189,19 @@ def test_a_backlog_larger_than_one_batch_is_judged_completely(db, engine, now, s
     assert {r.status for r in rows.values()} == {"ready", "rejected"}
     assert rows["e1"].title == "Event 1"
     assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 0, "rejected": 0}
+
+
+def test_a_collapse_key_over_200_characters_is_rejected_naming_it_and_one_of_200_is_kept(db, engine, now, settings):
+    with engine.begin() as conn:
+        add_event(conn, event_key="long-key", collapse_key="k" * 201)
+        add_event(conn, event_key="max-key", collapse_key=" " + "k" * 200 + " ")
+        add_event(conn, event_key="blank-key", collapse_key="   ")
+
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 2, "rejected": 1}
+
+    rows = events(engine)
+    assert (rows["long-key"].status, rows["long-key"].reject_reason) == (
+        "rejected", "collapse_key: longer than 200 characters")
+    assert rows["long-key"].collapse_key == "k" * 201, "a rejected event keeps what the producer sent"
+    assert (rows["max-key"].status, rows["max-key"].collapse_key) == ("ready", "k" * 200)
+    assert (rows["blank-key"].status, rows["blank-key"].collapse_key) == ("ready", None)

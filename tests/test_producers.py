@@ -167,3 +167,18 @@ def test_ingest_event_refuses_what_cannot_be_stored(db, engine):
     with pytest.raises(MalformedEvent, match="unknown key 'status'"):
         ingest_event(db, {**EVENT, "status": "ready"})
     assert stored(engine) == {}
+
+
+def test_ingest_lines_and_ingest_event_accept_a_collapse_key(db, engine):
+    ingest_lines(db, [line(event_key="a", collapse_key="nord-stream-2026-05")])
+    ingest_event(db, {**EVENT, "event_key": "b", "collapse_key": "nord-stream-2026-05"})
+    ingest_event(db, {**EVENT, "event_key": "c"})
+
+    rows = stored(engine)
+    assert {k: r.collapse_key for k, r in rows.items()} == {
+        "a": "nord-stream-2026-05", "b": "nord-stream-2026-05", "c": None}
+
+
+def test_a_long_collapse_key_is_stored_for_phase_a_to_reject(db, engine):
+    assert ingest_lines(db, [line(event_key="long", collapse_key="k" * 500)]).errors == []
+    assert stored(engine)["long"].collapse_key == "k" * 500

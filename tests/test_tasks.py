@@ -669,6 +669,14 @@ def test_ingest_event_stores_an_event_once(app, conn):
     assert conn.execute(sa.select(m.alert_events.c.title)).scalars().all() == ["TTF day-ahead +18%"]
 
 
+def test_ingest_event_accepts_a_collapse_key(app, conn):
+    event = {"event_key": "gas-nl-2", "alert_type": "price_spike", "severity": 4, "title": "Flows restored",
+             "collapse_key": "nl-compressor-trip"}
+
+    assert app.tasks["alerts.ingest_event"].apply((event,)).get() == {"stored": True}
+    assert conn.execute(sa.select(m.alert_events.c.collapse_key)).scalars().all() == ["nl-compressor-trip"]
+
+
 def test_a_malformed_event_fails_its_task_at_once_and_stores_nothing(app, conn):
     with receiving(task_retry) as retried:
         result = app.tasks["alerts.ingest_event"].apply(({"event_key": "k1", "severity": "high"},))

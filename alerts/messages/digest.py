@@ -10,6 +10,7 @@ from alerts.config import Settings
 from alerts.messages import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_view, html_env,
                                     one_line, sort_items, text_env, zone)
+from alerts.messages.collapse import collapse
 from alerts.messages.telegram_fit import fit_telegram
 from alerts.unsubscribe import email_headers, unsubscribe_url
 
@@ -75,7 +76,7 @@ def _length_note(start: datetime, end: datetime) -> str:
 
 def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> EmailMessage:
     tz = zone(digest.get("timezone"), settings)
-    ordered = sort_items(items)
+    ordered = sort_items(collapse(items))  # items, not events (§10.3)
     key = digest["digest_key"]
     unsubscribe = unsubscribe_url(settings, digest["user_id"], "email") if digest.get("user_id") else None
     context = {
@@ -98,7 +99,7 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
 
 def _telegram(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> TextMessage:
     tz = zone(digest.get("timezone"), settings)
-    ordered = sort_items(items)
+    ordered = sort_items(collapse(items))  # items, not events (§10.3)
     parts = html_env.get_template("digest_telegram.j2").module
     app_url = app_link(settings)
     header = _part(parts.header(_heading(digest), window_label(digest["window_start"], digest["window_end"], tz),

@@ -85,6 +85,10 @@ class EventView:
     alert_type: str
     region: str | None
     created_at: datetime  # in the display zone
+    # A digest item standing for several events of one story (§10.3): all their ids, oldest
+    # first, and how many there are; one event alone is (id,) and 1.
+    ids: tuple[int, ...] = ()
+    updates: int = 1
 
 
 def event_view(event: Mapping, tz: tzinfo, *, title_max: int | None = None,
@@ -102,6 +106,7 @@ def event_view(event: Mapping, tz: tzinfo, *, title_max: int | None = None,
         title=title, summary=summary, url=url, url_text=url_text,
         alert_type=event.get("alert_type") or "", region=event.get("region") or None,
         created_at=as_utc(event["created_at"]).astimezone(tz),
+        ids=tuple(event.get("ids") or (event["id"],)), updates=event.get("updates") or 1,
     )
 
 

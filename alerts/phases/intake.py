@@ -44,6 +44,7 @@ _verdicts = sa.Table(
     sa.Column("title", sa.Text),
     sa.Column("summary", sa.Text),
     sa.Column("url", sa.Text),
+    sa.Column("collapse_key", sa.Text),
     prefixes=["TEMPORARY"],
 )
 
@@ -81,6 +82,7 @@ def validate_event(row) -> str | None:
         _check_alert_type(row.get("alert_type")),
         _check_url(row.get("url")),
         _check_summary(row.get("summary")),
+        _check_collapse_key(row.get("collapse_key")),
     ]
     problems = [p for p in problems if p]
     return "; ".join(problems) or None
@@ -96,6 +98,7 @@ def normalise(row) -> dict:
         "title": one_line_title(row["title"]),
         "summary": _strip_or_none(_clean_summary(row.get("summary"))),
         "url": _strip_or_none(row.get("url")),
+        "collapse_key": _strip_or_none(row.get("collapse_key")),
     }
 
 
@@ -140,6 +143,15 @@ def _check_alert_type(alert_type) -> str | None:
 def _check_summary(summary) -> str | None:
     if isinstance(summary, str) and len(_clean_summary(summary).strip()) > MAX_SUMMARY_CHARS:
         return f"summary: longer than {MAX_SUMMARY_CHARS} characters"
+    return None
+
+
+def _check_collapse_key(key) -> str | None:
+    """Optional; one story's key, compared for equality only (§10.3)."""
+    if key is not None and not isinstance(key, str):
+        return "collapse_key: must be text"
+    if isinstance(key, str) and len(key.strip()) > m.MAX_COLLAPSE_KEY_CHARS:
+        return f"collapse_key: longer than {m.MAX_COLLAPSE_KEY_CHARS} characters"
     return None
 
 
@@ -218,14 +230,14 @@ def _next_batch(conn: Connection, after: int) -> list[dict]:
 def _judged_columns() -> list[sa.Column]:
     """What the rules read (``validate_event``, ``normalise``): all a batch or one event loads."""
     e = m.alert_events
-    return [e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.url, e.c.severity]
+    return [e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.url, e.c.severity, e.c.collapse_key]
 
 
 def _verdict(row: dict) -> dict:
     reason = validate_event(row)
     if reason is not None:
         return {"id": row["id"], "reject_reason": reason,
-                "alert_type": None, "title": None, "summary": None, "url": None}
+                "alert_type": None, "title": None, "summary": None, "url": None, "collapse_key": None}
     return {"id": row["id"], "reject_reason": None, **normalise(row)}
 
 
@@ -236,7 +248,8 @@ def _apply(conn: Connection) -> tuple[int, int]:
     same = sa.and_(e.c.id == v.c.id, e.c.status == "new")
     accepted = conn.execute(
         sa.update(e).where(same, v.c.reject_reason.is_(None))
-        .values(status="ready", alert_type=v.c.alert_type, title=v.c.title, summary=v.c.summary, url=v.c.url)
+        .values(status="ready", alert_type=v.c.alert_type, title=v.c.title, summary=v.c.summary, url=v.c.url,
+                collapse_key=v.c.collapse_key)
     ).rowcount
     rejected = conn.execute(
         sa.update(e).where(same, v.c.reject_reason.is_not(None))
