@@ -9,13 +9,15 @@ import sqlalchemy as sa
 
 from alerts import models as m
 from tests.factories import add_delivery, add_event, add_user
-from tests.test_celery_worker import broker, broker_url, client, conn, purge, wait_until, worker  # noqa: F401
+from tests.test_celery_worker import (broker_env, broker_url, client, conn, redis_only, wait_until,  # noqa: F401
+                                      worker)
 
 GONE_EMAIL = "gone@example.com"
 ROWS = 12
 POOL_PROCESSES = 2  # the module's worker
 
 
+@redis_only  # about claims racing, not the broker
 def test_send_tasks_racing_on_a_hard_bounced_mailbox_try_it_at_most_once_per_process(  # noqa: F811
         worker, client, conn, smtp_server):
     gone, fine = add_user(conn, email=GONE_EMAIL), add_user(conn, email="fine@example.com")

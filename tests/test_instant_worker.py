@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from alerts import models as m
 from tests.e2e_runner import ROOT, runner_env
 from tests.factories import add_pref, add_user
-from tests.test_celery_worker import (broker, broker_url, celery_env, client, conn, purge, start_worker,  # noqa: F401
-                                      wait_until, worker)
+from tests.test_celery_worker import (broker_env, broker_url, celery_env, client, conn, redis_only,  # noqa: F401
+                                      start_worker, wait_until, worker)
 
 EVENT = {"event_key": "ttf-spike-worker", "alert_type": "price_spike", "region": "NL", "severity": 4,
          "title": "TTF day-ahead +18%", "summary": "Cold snap", "url": "https://energyriskiq.com/e/1"}
@@ -57,9 +57,10 @@ def test_ingest_event_delivered_twice_sends_one_message(worker, client, conn, sm
 
 
 @pytest.mark.slow
+@redis_only  # about runs racing on the rows, not the broker
 @pytest.mark.parametrize("loops", [("all",), ("a", "b")], ids=["runner-all", "intake-and-fanout-loops"])
 def test_events_ingested_twice_by_two_workers_next_to_looping_runners_are_each_sent_once(
-        worker, client, conn, smtp_server, broker_url, pg_database, tmp_path, loops):
+        worker, client, conn, smtp_server, broker_url, broker_env, pg_database, tmp_path, loops):
     """Two workers (2 processes each) take the event-driven path for every event twice
     while runner processes run phases over and over, as cron or beat would: the whole
     pipeline, or Phases A and B each in a loop of its own (then only the workers send).
@@ -68,7 +69,8 @@ def test_events_ingested_twice_by_two_workers_next_to_looping_runners_are_each_s
     for reader in readers:
         add_pref(conn, reader)
     events = [{**EVENT, "event_key": f"race-{n}", "title": f"Race {n}"} for n in range(20)]
-    second = start_worker(celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port), tmp_path)
+    second = start_worker(celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port, **broker_env),
+                          tmp_path)
     stop = tmp_path / "stop"
     runners = [subprocess.Popen([sys.executable, "-m", "tests.e2e_race", "loop", "--phase", phase,
                                  "--now", datetime.now(timezone.utc).isoformat(), "--stop", str(stop)],
