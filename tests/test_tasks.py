@@ -673,7 +673,8 @@ def test_ingest_event_accepts_a_collapse_key(app, conn):
     event = {"event_key": "gas-nl-2", "alert_type": "price_spike", "severity": 4, "title": "Flows restored",
              "collapse_key": "nl-compressor-trip"}
 
-    assert app.tasks["alerts.ingest_event"].apply((event,)).get() == {"stored": True}
+    result = app.tasks["alerts.ingest_event"].apply((event,)).get()
+    assert (result["stored"], result["status"]) == (True, "fanned_out")
     assert conn.execute(sa.select(m.alert_events.c.collapse_key)).scalars().all() == ["nl-compressor-trip"]
 
 
