@@ -266,3 +266,22 @@ def wait_for(predicate, timeout: float, poll: float = 0.05) -> float:
             raise RuntimeError("timed out")
         time.sleep(poll)
     return time.perf_counter()
+
+
+def producer_client(broker_url: str):
+    """A Celery client that publishes like a producer: JSON, to the queues the app routes to."""
+    from celery import Celery
+
+    client = Celery("bench-client", broker=broker_url)
+    client.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts",
+                       task_routes={"alerts.send_*": {"queue": "alerts.send"}})
+    return client
+
+
+def worker_env(database_url: str, broker_url: str, smtp_port: int, **extra: str) -> dict:
+    """The environment of a bench worker: this one's, minus every setting of ours, plus these."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=database_url, CELERY_BROKER_URL=broker_url, ALERTS_SMTP_HOST="127.0.0.1",
+               ALERTS_SMTP_PORT=str(smtp_port), ALERTS_SMTP_TLS="none", PYTHONPATH=str(ROOT), **extra)
+    return env
+

@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, SmtpServerProcess, create_database, drop_database  # noqa: E402
+from bench._common import (SmtpServerProcess, create_database, drop_database, producer_client,  # noqa: E402
+                           worker_env)
 from bench.bench_celery import celery_digests, seed, start_workers, stop_workers, wait_ready  # noqa: E402
 
 REDIS_URL = os.environ.get("ALERTS_BENCH_BROKER_URL", "redis://127.0.0.1:6379/14")
@@ -42,8 +43,6 @@ def rabbitmqctl(*args: str) -> None:
 
 def one_run(kind: str, options, server: SmtpServerProcess) -> dict:
     import redis
-    from celery import Celery
-
     vhost = None
     if kind == "redis":
         broker_url = REDIS_URL
@@ -57,14 +56,11 @@ def one_run(kind: str, options, server: SmtpServerProcess) -> dict:
         broker_url = f"{AMQP_ROOT}/{vhost}"
         extra = {"ALERTS_RATELIMIT_REDIS_URL": REDIS_URL}
     url = create_database("alerts_bench_broker")
-    client = Celery("bench-client", broker=broker_url)
-    client.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts")
+    client = producer_client(broker_url)
     workers = []
     try:
         seed(url, options.digests, 3)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
-        env.update(DATABASE_URL=url, CELERY_BROKER_URL=broker_url, ALERTS_SMTP_HOST="127.0.0.1",
-                   ALERTS_SMTP_PORT=str(server.port), ALERTS_SMTP_TLS="none", PYTHONPATH=str(ROOT), **extra)
+        env = worker_env(url, broker_url, server.port, **extra)
         log_dir = Path(tempfile.mkdtemp(prefix=f"bench-broker-{kind}-"))
         workers = start_workers(1, options.pool, options.concurrency, env, log_dir, "alerts,alerts.send")
         wait_ready(client, 1)

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from celery import shared_task  # noqa: E402
 
 from alerts.outbox import DIGESTS  # noqa: E402
-from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
-                           count_sent, drop_database, sample_message, smtp_settings, wait_for)
+from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, count_sent, create_database, drop_database,  # noqa: E402
+                           producer_client, sample_message, smtp_settings, wait_for, worker_env)
 
 NOOP_QUEUE = "bench.noop"
 TARGET_RATIO = 0.5
@@ -181,8 +181,6 @@ def main() -> None:
     options = parser.parse_args()
 
     import redis
-    from celery import Celery
-
     broker_url = os.environ.get("ALERTS_BENCH_BROKER_URL", "redis://127.0.0.1:6379/13")
     broker = redis.Redis.from_url(broker_url)
     broker.flushdb()
@@ -191,9 +189,7 @@ def main() -> None:
     url = create_database("alerts_bench_celery")
     workers: list[subprocess.Popen] = []
     log_dir = Path(tempfile.mkdtemp(prefix="bench-celery-"))
-    client = Celery("bench-client", broker=broker_url)
-    client.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts",
-                       task_routes={"alerts.send_*": {"queue": "alerts.send"}})
+    client = producer_client(broker_url)
     try:
         seed(url, n, options.items)
         sender, recipient, data = sample_message(url, server.port, DIGESTS)
@@ -202,9 +198,7 @@ def main() -> None:
         render_seconds = render_and_send(url, server.port, n)
         server.ask("reset")
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
-        env.update(DATABASE_URL=url, CELERY_BROKER_URL=broker_url, ALERTS_SMTP_HOST="127.0.0.1",
-                   ALERTS_SMTP_PORT=str(server.port), ALERTS_SMTP_TLS="none", PYTHONPATH=str(ROOT))
+        env = worker_env(url, broker_url, server.port)
         workers = start_workers(options.workers, options.pool, options.concurrency, env, log_dir, f"alerts,alerts.send,{NOOP_QUEUE}")
         wait_ready(client, options.workers)
         digests = celery_digests(client, server, n, options.timeout)

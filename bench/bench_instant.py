@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, create_database, drop_database  # noqa: E402
+from bench._common import ROOT, create_database, drop_database, producer_client, worker_env  # noqa: E402
 from bench.bench_celery import seed, stop_workers, wait_ready  # noqa: E402
 
 TARGET_P95_SECONDS = {"idle": 1.0, "backlog": 3.0}
@@ -156,20 +156,14 @@ def main() -> None:
     options = parser.parse_args()
 
     import redis
-    from celery import Celery
-
     broker_url = os.environ.get("ALERTS_BENCH_BROKER_URL", "redis://127.0.0.1:6379/14")
     broker = redis.Redis.from_url(broker_url)
     broker.flushdb()
     server = ArrivalServer()
     url = create_database("alerts_bench_instant")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-instant-"))
-    client = Celery("bench-client", broker=broker_url)
-    client.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts",
-                       task_routes={"alerts.send_*": {"queue": "alerts.send"}})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=url, CELERY_BROKER_URL=broker_url, ALERTS_SMTP_HOST="127.0.0.1",
-               ALERTS_SMTP_PORT=str(server.port), ALERTS_SMTP_TLS="none", PYTHONPATH=str(ROOT))
+    client = producer_client(broker_url)
+    env = worker_env(url, broker_url, server.port)
     worker = None
     try:
         seed(url, options.backlog, 3)

@@ -40,8 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib_pool, count_sent, create_database,  # noqa: E402
-                           digest_sample_message, drop_database, postgres_cpu, process_tree_cpu, redis_cpu,
-                           wait_for)
+                           digest_sample_message, drop_database, postgres_cpu, process_tree_cpu,
+                           producer_client, redis_cpu, wait_for, worker_env)
 from bench.bench_celery import seed, stop_workers, wait_ready  # noqa: E402
 
 TARGETS = {4: 0.85, 8: 0.6}  # threads per worker -> the least ratio to the bare pool
@@ -143,20 +143,14 @@ def main() -> None:
     options = parser.parse_args()
 
     import redis
-    from celery import Celery
-
     broker_url = os.environ.get("ALERTS_BENCH_BROKER_URL", "redis://127.0.0.1:6379/13")
     broker = redis.Redis.from_url(broker_url)
     broker.flushdb()
     server = SmtpServerProcess(data_delay=options.data_delay)
     url = create_database("alerts_bench_latency")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
-    client = Celery("bench-client", broker=broker_url)
-    client.conf.update(task_serializer="json", accept_content=["json"], task_default_queue="alerts",
-                       task_routes={"alerts.send_*": {"queue": "alerts.send"}})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=url, CELERY_BROKER_URL=broker_url, ALERTS_SMTP_HOST="127.0.0.1",
-               ALERTS_SMTP_PORT=str(server.port), ALERTS_SMTP_TLS="none", PYTHONPATH=str(ROOT))
+    client = producer_client(broker_url)
+    env = worker_env(url, broker_url, server.port)
     runs = []
     try:
         seed(url, options.digests, options.items)
