@@ -5,6 +5,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from alerts import models as m
 from alerts.channels import DeliveryError
 from alerts.config import Settings
 
@@ -30,21 +31,21 @@ class Outcome:
 
 
 def sent(now: datetime) -> Outcome:
-    return Outcome("sent", sent_at=now)
+    return Outcome(m.SENT, sent_at=now)
 
 
 def skipped(reason: str) -> Outcome:
-    return Outcome("skipped", last_error=reason)
+    return Outcome(m.SKIPPED, last_error=reason)
 
 
 def after_failure(error: DeliveryError, attempts: int, now: datetime, settings: Settings,
                   rng: random.Random | None = None) -> Outcome:
     """Permanent errors fail at once; transient ones retry until max_attempts is used."""
     if error.permanent:
-        return Outcome("failed", last_error=error.reason, gone=error.gone)
+        return Outcome(m.FAILED, last_error=error.reason, gone=error.gone)
     if attempts >= settings.max_attempts:
-        return Outcome("failed", last_error=f"{error.reason} (gave up after {attempts} attempts)")
+        return Outcome(m.FAILED, last_error=f"{error.reason} (gave up after {attempts} attempts)")
     wait = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds, rng)
     if error.retry_after is not None:
         wait = max(wait, float(error.retry_after))
-    return Outcome("queued", last_error=error.reason, next_retry_at=now + timedelta(seconds=wait))
+    return Outcome(m.QUEUED, last_error=error.reason, next_retry_at=now + timedelta(seconds=wait))

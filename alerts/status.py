@@ -24,7 +24,7 @@ def collect(engine: Engine, now: datetime) -> dict:
         for table in _tables():
             counts = conn.execute(sa.select(table.c.status, sa.func.count()).group_by(table.c.status)).all()
             report["tables"][table.name] = dict(sorted(counts))
-            pending = ("new", "ready") if table is m.alert_events else ("queued", "sending")
+            pending = ("new", "ready") if table is m.alert_events else (m.QUEUED, m.SENDING)
             oldest = conn.execute(
                 sa.select(sa.func.min(table.c.created_at)).where(table.c.status.in_(pending))
             ).scalar()
@@ -34,7 +34,7 @@ def collect(engine: Engine, now: datetime) -> dict:
         for table in (m.user_alert_deliveries, m.user_alert_digests):
             rows = conn.execute(
                 sa.select(table.c.id, table.c.status, table.c.attempts, table.c.last_error)
-                .where(table.c.status.in_(("failed", "queued")), table.c.last_error.is_not(None))
+                .where(table.c.status.in_((m.FAILED, m.QUEUED)), table.c.last_error.is_not(None))
                 .order_by(table.c.id.desc()).limit(RECENT_ERRORS)
             ).mappings()
             report["recent_errors"] += [{"table": table.name, **row} for row in rows]

@@ -131,7 +131,7 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
     try:
         with engine.begin() as conn:
             for table in tables:
-                where = [table.c.status == "failed"]
+                where = [table.c.status == m.FAILED]
                 if table is m.user_alert_deliveries:
                     where.append(table.c.delivery_kind == "instant")
                 if row_ids:
@@ -139,7 +139,7 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
                 lifted = blocks.lift_for_rows(conn, table, where)
                 count = conn.execute(
                     sa.update(table).where(*where)
-                    .values(status="queued", attempts=0, next_retry_at=now, claimed_at=None, enqueued_at=None)
+                    .values(status=m.QUEUED, attempts=0, next_retry_at=now, claimed_at=None, enqueued_at=None)
                 ).rowcount
                 click.echo(f"{table.name}: re-queued {count}" + (f", lifted {lifted} block(s)" if lifted else ""))
     finally:

@@ -14,7 +14,7 @@ import click
 
 from alerts.cli.common import (EXIT_UNEXPECTED, Fatal, clock_option, load_settings, make_clock, open_engine,
                                setup_logging, verbose_requested)
-from alerts.pipeline import ALL, run_phases, session
+from alerts.pipeline import expand, run_phases, session
 
 log = logging.getLogger("alerts.runner")
 
@@ -28,7 +28,7 @@ def execute(phase: str, now_text: str | None, dry_run: bool, as_json: bool, max_
     engine = open_engine(settings)
     try:
         with session(engine, settings, dry_run=dry_run) as (db, channels):
-            results = run_phases(db, ALL if phase == "all" else (phase,), clock, settings, channels)
+            results = run_phases(db, expand(phase), clock, settings, channels)
             recorded = channels.recorded() if dry_run else []
     except click.ClickException:
         raise

@@ -93,9 +93,9 @@ def _skip_unsupported(conn: Connection) -> None:
     forever: Phase B creates them skipped, but a row written by other means must not be
     lost silently either."""
     d = m.user_alert_deliveries
-    conn.execute(sa.update(d).where(d.c.delivery_kind == "digest", d.c.status == "queued",
+    conn.execute(sa.update(d).where(d.c.delivery_kind == m.DIGEST, d.c.status == m.QUEUED,
                                     d.c.channel.not_in(m.DIGEST_CHANNELS))
-                 .values(status="skipped", last_error=m.SMS_DIGEST_NOT_SUPPORTED))
+                 .values(status=m.SKIPPED, last_error=m.SMS_DIGEST_NOT_SUPPORTED))
 
 
 def _build(conn: Connection, now: datetime, settings: Settings) -> dict:
@@ -121,7 +121,7 @@ def _build(conn: Connection, now: datetime, settings: Settings) -> dict:
 # --- pending deliveries, their windows, their groups ---------------------------------------
 
 def _pending_digest_deliveries(d: sa.Table) -> list:
-    return [d.c.delivery_kind == "digest", d.c.status == "queued", d.c.channel.in_(m.DIGEST_CHANNELS)]
+    return [d.c.delivery_kind == m.DIGEST, d.c.status == m.QUEUED, d.c.channel.in_(m.DIGEST_CHANNELS)]
 
 
 def _any_pending(conn: Connection) -> bool:
@@ -202,7 +202,7 @@ def _collect_groups(conn: Connection) -> None:
 
 def _open(g) -> sa.ColumnElement:
     """A digest that no sender has ever claimed, so it may still gain items."""
-    return sa.and_(g.c.status == "queued", g.c.attempts == 0, g.c.last_error.is_(None))
+    return sa.and_(g.c.status == m.QUEUED, g.c.attempts == 0, g.c.last_error.is_(None))
 
 
 def _same_window(a, b) -> sa.ColumnElement:
@@ -243,7 +243,7 @@ def _insert_digests(conn: Connection, now: datetime) -> int:
                "status", "attempts", "next_retry_at", "created_at"]
     source = sa.select(
         grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start, grp.c.window_end, grp.c.next_sequence,
-        key, sa.literal("queued"), sa.literal(0), grp.c.window_end, sa.literal(now, m.UTCDateTime()),
+        key, sa.literal(m.QUEUED), sa.literal(0), grp.c.window_end, sa.literal(now, m.UTCDateTime()),
     ).where(grp.c.digest_id.is_(None))  # a WHERE also keeps SQLite from reading ON CONFLICT as a join
     insert = _dialect_insert(conn, g).from_select(columns, source).on_conflict_do_nothing(index_elements=["digest_key"])
     if is_postgres(conn):
@@ -266,7 +266,7 @@ def _attach(conn: Connection) -> tuple[int, int]:
                  grp.c.user_id == p.c.user_id, grp.c.channel == p.c.channel, grp.c.period == p.c.period,
                  grp.c.window_start == w.c.window_start)))
              .where(grp.c.digest_id.is_not(None)))
-    batch = {"status": "skipped", "last_error": m.BATCHED_INTO_DIGEST}
+    batch = {"status": m.SKIPPED, "last_error": m.BATCHED_INTO_DIGEST}
     if is_postgres(conn):
         # One statement: exactly the deliveries that got an item are marked.
         attached = (sa.insert(i).from_select(["digest_id", "delivery_id"], items)

@@ -155,8 +155,8 @@ def _matches(now: datetime, settings: Settings, quiet: bool) -> sa.Select:
         e.c.severity >= p.c.min_severity,
     )).join(u, u.c.id == p.c.user_id)
     group = [p.c.user_id, e.c.id, p.c.channel, e.c.severity]
-    columns = [p.c.user_id, e.c.id, p.c.channel, sa.case((instant, "instant"), else_="digest"),
-               sa.case((sms_digest, "skipped"), else_="queued"),
+    columns = [p.c.user_id, e.c.id, p.c.channel, sa.case((instant, m.INSTANT), else_=m.DIGEST),
+               sa.case((sms_digest, m.SKIPPED), else_=m.QUEUED),
                sa.case((sms_digest, m.SMS_DIGEST_NOT_SUPPORTED), else_=sa.null()),
                sa.literal(now, m.UTCDateTime())]
     if quiet:  # §10.4: held until the end of the user's quiet period
