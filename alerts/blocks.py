@@ -1,8 +1,9 @@
 """Destination health (SPEC §11.3-11.6): ``user_channel_blocks``, one row per (user, channel)
 whose destination a provider said is gone.
 
-    record(conn, …)        a gone answer: upsert the block and skip the user's other queued
-                           rows on that channel — in the transaction of the failed row's outcome
+    record(conn, …)        a gone answer: upsert the block — in the transaction of the failed
+                           row's outcome, which also skips the user's other queued rows on
+                           the channel while ``address_unchanged``
     in_force(table)        the join condition Phase C's load uses: a block holds while its
                            address is the user's current address for the channel
     listed / lift / lift_for_rows / counts   for ``alerts destinations``, ``retry``, ``status``
@@ -37,10 +38,10 @@ def in_force(table: sa.Table) -> sa.ColumnElement:
                    b.c.address == current_address(table.c.channel))
 
 
-def record(conn: Connection, user_id: int, channel: str, address: str, reason: str, now: datetime) -> int:
-    """Block (user, channel) at ``address`` for ``reason``, and make the user's other queued
-    instant deliveries and digests on that channel ``skipped`` — unless the user's address
-    has changed since it failed. Returns how many rows were skipped."""
+def record(conn: Connection, user_id: int, channel: str, address: str, reason: str, now: datetime) -> None:
+    """Block (user, channel) at ``address`` for ``reason``. The caller skips the user's
+    other queued rows on the channel in the same transaction (``outbox.skip_queued`` with
+    ``address_unchanged``)."""
     insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(b)
     values = {"user_id": user_id, "channel": channel, "address": address, "reason": reason, "created_at": now}
     conn.execute(insert.values(**values).on_conflict_do_update(
@@ -48,16 +49,12 @@ def record(conn: Connection, user_id: int, channel: str, address: str, reason: s
         # The same address failing again (another sender's message in flight) keeps its "since".
         set_={"address": address, "reason": reason,
               "created_at": sa.case((b.c.address == address, b.c.created_at), else_=insert.excluded.created_at)}))
-    still_there = (sa.select(m.users.c.id)
-                   .where(m.users.c.id == user_id, current_address(sa.literal(channel)) == address).exists())
-    skipped = 0
-    for table in (m.user_alert_deliveries, m.user_alert_digests):
-        where = [table.c.user_id == user_id, table.c.channel == channel, table.c.status == m.QUEUED, still_there]
-        if table is m.user_alert_deliveries:
-            where.append(table.c.delivery_kind == m.INSTANT)
-        skipped += conn.execute(sa.update(table).where(*where).values(
-            status=m.SKIPPED, last_error=m.destination_disabled(reason), next_retry_at=None)).rowcount
-    return skipped
+
+
+def address_unchanged(user_id: int, channel: str, address: str) -> sa.ColumnElement:
+    """True while ``address`` is still the user's current address for ``channel``."""
+    return (sa.select(m.users.c.id)
+            .where(m.users.c.id == user_id, current_address(sa.literal(channel)) == address).exists())
 
 
 def listed(conn: Connection) -> list[dict]:

@@ -251,6 +251,24 @@ def recover(conn: Connection, now: datetime, settings: Settings) -> dict[str, in
     return counts
 
 
+def skip_queued(conn: Connection, user_id: int, channel: str, reason: str, *where: sa.ColumnElement,
+                digest_deliveries: bool = True) -> dict[str, int]:
+    """Make the user's ``queued`` rows on ``channel`` ``skipped`` with ``reason`` — instant
+    deliveries (and, with ``digest_deliveries``, digest deliveries not yet in a digest),
+    then digests; rows already ``sending`` are never touched. Counts per table.
+
+    Deliveries before digests: a Phase D commit waited for on the first statement (its
+    digest holds deliveries we would skip) is then visible to the second."""
+    counts = {}
+    for table in (m.user_alert_deliveries, m.user_alert_digests):
+        conditions = [table.c.user_id == user_id, table.c.channel == channel, table.c.status == m.QUEUED, *where]
+        if table is m.user_alert_deliveries and not digest_deliveries:
+            conditions.append(table.c.delivery_kind == m.INSTANT)
+        counts[table.name] = conn.execute(sa.update(table).where(*conditions).values(
+            status=m.SKIPPED, last_error=reason, next_retry_at=None, claimed_at=None)).rowcount
+    return counts
+
+
 BLOCK_REASON = m.user_channel_blocks.c.reason.label("block_reason")  # null unless a block is in force
 
 

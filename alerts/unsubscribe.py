@@ -122,20 +122,15 @@ def unsubscribe(conn: Connection, user_id: int, channel: str) -> dict[str, int]:
     p = m.user_alert_prefs
     counts = {"prefs": conn.execute(sa.update(p).where(p.c.user_id == user_id, p.c.channel == channel)
                                     .values(enabled=False)).rowcount}
-    counts.update(skip_queued(conn, user_id, channel))
+    counts.update(_skip_queued(conn, user_id, channel))
     return counts
 
 
-def skip_queued(conn: Connection, user_id: int, channel: str) -> dict[str, int]:
-    counts = {}
-    # Deliveries before digests: a Phase D commit we wait for here (its digest holds
-    # the deliveries we would skip) is then visible to the digest statement.
-    for table in (m.user_alert_deliveries, m.user_alert_digests):
-        counts[table.name] = conn.execute(
-            sa.update(table).where(table.c.user_id == user_id, table.c.channel == channel,
-                                   table.c.status == m.QUEUED)
-            .values(status=m.SKIPPED, last_error=m.UNSUBSCRIBED, claimed_at=None)).rowcount
-    return counts
+def _skip_queued(conn: Connection, user_id: int, channel: str) -> dict[str, int]:
+    # Imported here: the outbox renders messages, and the message modules import this one.
+    from alerts.outbox import skip_queued
+
+    return skip_queued(conn, user_id, channel, m.UNSUBSCRIBED)
 
 
 def resubscribe(conn: Connection, user_id: int, channel: str) -> int:
@@ -168,7 +163,7 @@ def wait_in_flight(engine: Engine, user_id: int, channel: str, *, timeout: float
             break
         sleep(IN_FLIGHT_POLL_SECONDS)
     with engine.begin() as conn:
-        skip_queued(conn, user_id, channel)
+        _skip_queued(conn, user_id, channel)
     if left:
         log.warning("unsubscribe of user %s on %s: %s send(s) still in flight after %.1fs", user_id, channel,
                     left, timeout)

@@ -16,8 +16,8 @@ One path, used by the runner's Phase C (a batch at a time) and by the Celery sen
 
 Destination health (SPEC §11.3-11.4): a row whose destination is blocked is skipped by
 the load, without a send. A provider answer that the destination is gone records the
-block in the transaction of the row's ``failed`` outcome (``blocks.record``, which also
-skips the user's other queued rows on the channel), and the rest of the batch for that
+block in the transaction of the row's ``failed`` outcome (``blocks.record``; then
+``outbox.skip_queued`` skips the user's other queued rows on the channel), and the rest of the batch for that
 destination is skipped too. A Telegram group that became a supergroup gets its new chat
 id stored and the message sent there at once, within the same attempt.
 
@@ -135,7 +135,10 @@ def _claim_and_load(db: Database, outbox: Outbox, clock: Clock, settings: Settin
 def _record(db: Database, outbox: Outbox, job: Job, outcome: retry.Outcome, clock: Clock) -> None:
     with db.transaction() as conn:
         if outbox.record(conn, job, outcome) and outcome.gone:
-            skipped = blocks.record(conn, job.user_id, job.channel, job.recipient, outcome.last_error, clock.now())
+            blocks.record(conn, job.user_id, job.channel, job.recipient, outcome.last_error, clock.now())
+            skipped = sum(ob.skip_queued(conn, job.user_id, job.channel, m.destination_disabled(outcome.last_error),
+                                         blocks.address_unchanged(job.user_id, job.channel, job.recipient),
+                                         digest_deliveries=False).values())
             log.warning("user %s %s blocked (%s); %d queued row(s) skipped", job.user_id, job.channel,
                         outcome.last_error, skipped)
 
