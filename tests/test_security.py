@@ -294,7 +294,6 @@ DYNAMIC_SQL_ALLOWED = {
     ("alerts/db.py", "f'PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}'"),  # module integer constant
     ("alerts/phases/intake.py", "f'ANALYZE {_verdicts.name}'"),  # our temporary table's name
     ("alerts/phases/fanout.py", "f'ANALYZE {_events.name}'"),  # our temporary table's name
-    ("alerts/phases/fanout.py", "f'ANALYZE {_superseded.name}'"),  # our temporary table's name
     ("alerts/phases/digests.py", "f'ANALYZE {table.name}'"),  # our temporary table's name
 }
 SQL_CALLS = {"text", "exec_driver_sql", "execute", "executescript", "executemany"}

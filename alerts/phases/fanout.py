@@ -227,8 +227,6 @@ def _supersede(conn: Connection) -> int:
         sa.select(ranked.c.id, reason).where(ranked.c.rank > 1, ranked.c.status == m.QUEUED))).rowcount
     superseded = 0
     if found:
-        if is_postgres(conn):
-            conn.exec_driver_sql(f"ANALYZE {_superseded.name}")
         s = _superseded
         # UPDATE … FROM (both databases): a join, not a subquery per row.
         superseded = conn.execute(
