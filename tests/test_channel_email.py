@@ -14,7 +14,7 @@ from email import policy
 import pytest
 
 from alerts.channels import DeliveryError
-from alerts.channels.email import FileEmailChannel, SmtpEmailChannel, build_mime, classify, eml_stem
+from alerts.channels.email import BOUNDARY, FileEmailChannel, SmtpEmailChannel, build_mime, classify, eml_stem
 from alerts.messages import EmailMessage
 from tests.fakes.smtp_server import FakeSmtpServer
 
@@ -165,6 +165,47 @@ def test_the_message_reads_back_as_the_standard_library_built_it(message):
         assert mine.get_content_charset() == "utf-8"
         assert mine.get_content().replace("\r\n", "\n") == reference.get_content().replace("\r\n", "\n")
     assert ours.defects == [] and all(part.defects == [] for part in ours.walk())
+
+
+def stock_mime(message: EmailMessage, sender: str, recipient: str, *, utf8: bool) -> bytes:
+    """The same steps as build_mime, with the standard library's own header registry."""
+    from email.message import EmailMessage as StdMessage
+    from email.utils import format_datetime
+
+    mime = StdMessage(policy=policy.SMTPUTF8 if utf8 else policy.SMTP)
+    mime["From"], mime["To"], mime["Subject"] = sender, recipient, message.subject
+    mime["Date"], mime["Message-ID"] = format_datetime(SENT_AT), message.message_id
+    for name, value in message.headers.items():
+        mime[name] = value
+    mime.set_content(message.text, subtype="plain", charset="utf-8", cte="quoted-printable")
+    mime.make_alternative(boundary=BOUNDARY)
+    mime.add_alternative(message.html, subtype="html", charset="utf-8", cte="quoted-printable")
+    for part in mime.iter_parts():
+        del part["MIME-Version"]
+    return mime.as_bytes()
+
+
+@pytest.mark.parametrize("utf8", [False, True], ids=["ascii", "smtputf8"])
+@pytest.mark.parametrize("message", [MESSAGE, HOSTILE], ids=["plain", "hostile"])
+def test_remembered_headers_are_written_byte_for_byte_as_the_stock_registry_writes_them(message, utf8):
+    sender, recipient = "EnergyRiskIQ Alerts <alerts@energyriskiq.com>", "alice@example.com"
+    other = replace(message, subject=message.subject + " (2)", message_id="<other@alerts.energyriskiq.com>")
+    reference = stock_mime(message, sender, recipient, utf8=utf8)
+    # Built again and again, so later builds take the parsed and folded headers from the cache.
+    builds = [build_mime(m, sender, recipient, SENT_AT, utf8=utf8) for m in (message, other, message, message)]
+
+    assert builds[0] == builds[2] == builds[3] == reference
+    assert builds[1] == stock_mime(other, sender, recipient, utf8=utf8)
+
+
+def test_no_line_of_a_part_can_be_the_boundary():
+    raw = build_mime(HOSTILE, "alerts@energyriskiq.com", "alice@example.com", SENT_AT)
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    lines = body.split(b"\r\n")
+    assert BOUNDARY.encode() in raw
+    # Only the delimiters carry the boundary: quoted-printable writes "=" as "=3D".
+    assert [line for line in lines if BOUNDARY.encode() in line] == [
+        b"--" + BOUNDARY.encode(), b"--" + BOUNDARY.encode(), b"--" + BOUNDARY.encode() + b"--"]
 
 
 def test_the_raw_message_has_crlf_lines_of_at_most_78_characters_and_ascii_only():

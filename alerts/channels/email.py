@@ -33,6 +33,11 @@ from alerts.config import Settings
 from alerts.messages import EmailMessage
 
 MAX_FILENAME_STEM = 120
+# One boundary for every message. Both parts are quoted-printable, which writes "=" as
+# "=3D", so no line of a part can contain "=_": the boundary can never clash with the
+# text, the generator need not search for a clash, and the Content-Type header is the
+# same parsed header in every message.
+BOUNDARY = "=_energyriskiq-alerts"
 HEADER_CACHE_SIZE = 1024  # parsed headers kept (a few hundred bytes each)
 # Every character str.splitlines() breaks on, and NUL: none may reach a header, or a
 # value could end its header line and start a forged one (Bcc:, a second Subject:).
@@ -114,9 +119,7 @@ def build_mime(message: EmailMessage, sender: str, recipient: str, date: datetim
             _check_header(name, value)
             mime[name] = value
         mime.set_content(message.text, subtype="plain", charset="utf-8", cte="quoted-printable")
-        # A boundary of our own: quoted-printable writes "=" as "=3D", so no body line can
-        # ever start with "=_" — and the generator skips searching the text for a clash.
-        mime.make_alternative(boundary="=_" + os.urandom(12).hex())
+        mime.make_alternative(boundary=BOUNDARY)
         mime.add_alternative(message.html, subtype="html", charset="utf-8", cte="quoted-printable")
         for part in mime.iter_parts():
             del part["MIME-Version"]  # make_alternative leaves it on the first part; it belongs on top only
