@@ -21,6 +21,9 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 # read as ``postgresql://``, the rest of the URL (query options included) unchanged.
 DATABASE_KINDS = ("postgresql", "sqlite")
 DATABASE_SCHEME_ALIASES = {"postgres": "postgresql"}
+# The driver is psycopg 3 (alerts/db.py). ``postgresql+psycopg2://``, the form an earlier
+# release documented, is read as ``postgresql://``: psycopg2 is no longer installed.
+DATABASE_DRIVER_ALIASES = {"postgresql+psycopg2": "postgresql"}
 
 # Celery: the longest countdown a task ever sets on itself (a booked Telegram slot) and
 # the longest backoff of Celery's own retries. The Redis visibility timeout must stay far
@@ -268,7 +271,8 @@ class EnvReader:
         if not sep or kind not in DATABASE_KINDS:
             shown = f"{scheme}://" if sep else "no scheme"
             raise ConfigError(name, f"unsupported kind of database ({shown}); use postgresql://… or sqlite:///…")
-        return f"{kind}{plus}{driver}://{rest}"
+        scheme = f"{kind}{plus}{driver}"
+        return f"{DATABASE_DRIVER_ALIASES.get(scheme, scheme)}://{rest}"
 
     def number(self, name: str, default: float) -> float:
         raw = self.optional(name)

@@ -131,7 +131,8 @@ def test_postgres_scheme_works_against_the_test_database(pg_url):
     ("postgres://u:pw@db.example.com:5432/alerts?sslmode=require",
      "postgresql://u:pw@db.example.com:5432/alerts?sslmode=require"),
     ("POSTGRES://db/alerts", "postgresql://db/alerts"),
-    ("postgresql+psycopg2://db/alerts?sslmode=verify-full", "postgresql+psycopg2://db/alerts?sslmode=verify-full"),
+    ("postgresql+psycopg://db/alerts?sslmode=verify-full", "postgresql+psycopg://db/alerts?sslmode=verify-full"),
+    ("postgresql+psycopg2://db/alerts?sslmode=verify-full", "postgresql://db/alerts?sslmode=verify-full"),
     ("sqlite:///alerts.db", "sqlite:///alerts.db"),
 ])
 def test_database_urls_are_read_with_postgres_as_postgresql_and_the_query_kept(given, read_as):
