@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from alerts import models as m
+from alerts.db import is_postgres
 
 b = m.user_channel_blocks
 
@@ -42,7 +43,7 @@ def record(conn: Connection, user_id: int, channel: str, address: str, reason: s
     """Block (user, channel) at ``address`` for ``reason``. The caller skips the user's
     other queued rows on the channel in the same transaction (``outbox.skip_queued`` with
     ``address_unchanged``)."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(b)
+    insert = (postgresql.insert if is_postgres(conn) else sqlite.insert)(b)
     values = {"user_id": user_id, "channel": channel, "address": address, "reason": reason, "created_at": now}
     conn.execute(insert.values(**values).on_conflict_do_update(
         index_elements=[b.c.user_id, b.c.channel],

@@ -13,6 +13,7 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from alerts.models import DIGEST_PERIODS
+from alerts.windows import parse_time_of_day
 
 EMAIL_BACKENDS = ("smtp", "file")
 SMTP_TLS_MODES = ("none", "starttls", "ssl")
@@ -40,7 +41,6 @@ URL_FIELDS = frozenset({"database_url", "celery_broker_url", "app_base_url", "te
                         "twilio_api_base", "ratelimit_redis_url", "public_url"})
 MIN_SECRET_KEY_CHARS = 32
 SEVERITIES = (1, 5)
-_HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]\Z")
 
 
 class ConfigError(ValueError):
@@ -258,8 +258,10 @@ class EnvReader:
     def clock_time(self, name: str, default: str) -> str:
         """A 24-hour local time of day, HH:MM."""
         value = self.optional(name) or default
-        if not _HHMM.match(value):
-            raise ConfigError(name, f"must be a time of day as HH:MM, 00:00 to 23:59 (got {value!r})")
+        try:
+            parse_time_of_day(value)
+        except ValueError:
+            raise ConfigError(name, f"must be a time of day as HH:MM, 00:00 to 23:59 (got {value!r})") from None
         return value
 
     def database_url(self, name: str, default: str) -> str:

@@ -41,7 +41,7 @@ class NotMigrated(RuntimeError):
     """The database schema is missing or behind the code."""
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, **kwargs) -> Engine:
     url_obj = sa.engine.make_url(url)
     if url_obj.get_backend_name() == "sqlite":
         engine = sa.create_engine(url_obj, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
@@ -56,7 +56,7 @@ def make_engine(url: str, **kwargs) -> Engine:
         # switch to autocommit). Measured in replit.md, "What one send costs".
         url_obj = url_obj.set(drivername="postgresql+psycopg")
     if url_obj.get_backend_name() == "postgresql" and "connect_timeout" not in url_obj.query:
-        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS, **kwargs.get("connect_args", {})}
+        kwargs["connect_args"] = {"connect_timeout": connect_timeout, **kwargs.get("connect_args", {})}
     # READ COMMITTED is stated, not assumed: a sender's load must see every digest item
     # Phase D committed before the claim in the same transaction shut it out, which a
     # REPEATABLE READ default would hide.

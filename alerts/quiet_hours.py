@@ -14,6 +14,8 @@ import math
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+from alerts.windows import parse_time_of_day
+
 UTC = timezone.utc
 
 
@@ -79,8 +81,7 @@ def _wall_clock_instants(day: date, at: time, tz: ZoneInfo) -> list[datetime]:
 
 
 def _clock(part: str, whole: str) -> time:
-    hours, sep, minutes = part.partition(":")
-    if not (sep and len(hours) == 2 and len(minutes) == 2 and hours.isdigit() and minutes.isdigit()
-            and hours.isascii() and minutes.isascii() and int(hours) < 24 and int(minutes) < 60):
-        raise ValueError(f"quiet hours must look like HH:MM-HH:MM (got {whole!r})")
-    return time(int(hours), int(minutes))
+    try:
+        return parse_time_of_day(part)
+    except ValueError:
+        raise ValueError(f"quiet hours must look like HH:MM-HH:MM (got {whole!r})") from None

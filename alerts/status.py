@@ -72,19 +72,19 @@ def render(report: dict) -> str:
     if report["recent_errors"]:
         lines.append("recent errors:")
         lines += [f"  {e['table']} #{e['id']} {e['status']} after {e['attempts']} attempt(s): "
-                  f"{_shown(e['last_error'])}" for e in report["recent_errors"]]
+                  f"{printable(e['last_error'])}" for e in report["recent_errors"]]
     if report["recently_rejected_events"]:
         lines.append("recently rejected events:")
-        lines += [f"  #{e['id']} {_shown(e['event_key'])}: {_shown(e['reject_reason'])}"
+        lines += [f"  #{e['id']} {printable(e['event_key'])}: {printable(e['reject_reason'])}"
                   for e in report["recently_rejected_events"]]
     if report.get("blocked_destinations"):
         lines.append("blocked destinations (alerts destinations):")
-        lines += [f"  {channel}: {n} {_shown(reason)}" for channel, reasons in report["blocked_destinations"].items()
+        lines += [f"  {channel}: {n} {printable(reason)}" for channel, reasons in report["blocked_destinations"].items()
                   for reason, n in reasons.items()]
     return "\n".join(lines)
 
 
-def _shown(text: str | None) -> str:
+def printable(text: str | None) -> str:
     """Producer- and provider-written text, safe for a terminal: control characters (an
     escape sequence in an event_key could rewrite the operator's screen) shown escaped."""
     text = "" if text is None else str(text)

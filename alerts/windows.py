@@ -71,7 +71,7 @@ def windows_between(start_utc: datetime, end_utc: datetime, period: str, tz: Zon
         window = digest_window(window[1], period, tz, send_time)
 
 
-def parse_send_time(text: str) -> time:
+def parse_time_of_day(text: str) -> time:
     """``HH:MM`` (00:00 … 23:59) as a time of day; ValueError otherwise."""
     digits = text[:2] + text[3:]
     if len(text) != 5 or text[2] != ":" or not (digits.isascii() and digits.isdigit()):
@@ -84,7 +84,7 @@ def resolve_send_time(user_send_time: str | None, settings) -> time:
     malformed value; one written before its CHECK existed falls back, like a bad zone."""
     for text in (user_send_time, settings.digest_send_time):
         try:
-            return parse_send_time(text)
+            return parse_time_of_day(text)
         except (TypeError, ValueError):
             continue
     return MIDNIGHT

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from alerts.config import Settings
 from alerts.db import make_engine
-from alerts.windows import (day_start, digest_key, digest_window, format_window_start, parse_send_time,
+from alerts.windows import (day_start, digest_key, digest_window, format_window_start, parse_time_of_day,
                             resolve_period, resolve_send_time, resolve_timezone, windows_between)
 
 UTC = timezone.utc
@@ -266,13 +266,13 @@ def test_a_year_of_send_time_windows_tiles_time(zone, send_time):
 
 @pytest.mark.parametrize("text, expected", [("07:30", time(7, 30)), ("00:00", time(0)), ("23:59", time(23, 59))])
 def test_parse_send_time_reads_hh_mm(text, expected):
-    assert parse_send_time(text) == expected
+    assert parse_time_of_day(text) == expected
 
 
 @pytest.mark.parametrize("text", ["7:30", "24:00", "07:60", "07-30", "0730", " 07:30", "07:3a", "", "٠٧:٣٠"])
 def test_parse_send_time_refuses_anything_else(text):
     with pytest.raises(ValueError):
-        parse_send_time(text)
+        parse_time_of_day(text)
 
 
 @pytest.mark.parametrize("user_value, setting, expected", [

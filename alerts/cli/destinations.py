@@ -8,7 +8,7 @@ import click
 from alerts import blocks
 from alerts import models as m
 from alerts.cli.common import Fatal, load_settings, open_engine
-from alerts.status import _shown as shown
+from alerts.status import printable
 
 
 @click.command()
@@ -41,8 +41,8 @@ def destinations(as_json: bool, enable: tuple[str, str] | None) -> None:
         click.echo("no blocked destinations")
     for row in listed:
         state = "in force" if row["in_force"] else "address changed since"
-        click.echo(f"user {row['user_id']} {row['channel']} {shown(row['address'])} since {row['since']:%Y-%m-%d %H:%M}"
-                   f" UTC ({state}): {shown(row['reason'])}")
+        click.echo(f"user {row['user_id']} {row['channel']} {printable(row['address'])}"
+                   f" since {row['since']:%Y-%m-%d %H:%M} UTC ({state}): {printable(row['reason'])}")
 
 
 def _parse_enable(enable: tuple[str, str]) -> tuple[int, str]:
