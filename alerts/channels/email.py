@@ -223,7 +223,8 @@ class SmtpEmailChannel(Channel):
 
     def _connect(self) -> smtplib.SMTP:
         s = self._settings
-        context = self._ssl_context or ssl.create_default_context()
+        # Only a TLS connection needs a context: making one loads the system's CA certificates.
+        context = None if s.smtp_tls == "none" else self._ssl_context or ssl.create_default_context()
         if s.smtp_tls == "ssl":
             smtp = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds, context=context)
         else:
