@@ -43,7 +43,8 @@ from celery import shared_task  # noqa: E402
 
 from alerts.outbox import DIGESTS  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, count_sent, create_database, drop_database,  # noqa: E402
-                           producer_client, sample_message, smtp_settings, wait_for, worker_env)
+                           producer_client, python_speed_us, sample_message, smtp_settings, wait_for,
+                           worker_env)
 
 NOOP_QUEUE = "bench.noop"
 TARGET_RATIO = 0.5
@@ -190,6 +191,7 @@ def main() -> None:
     workers: list[subprocess.Popen] = []
     log_dir = Path(tempfile.mkdtemp(prefix="bench-celery-"))
     client = producer_client(broker_url)
+    speed = python_speed_us()  # the ratio moves with it from one day to the next
     try:
         seed(url, n, options.items)
         sender, recipient, data = sample_message(url, server.port, DIGESTS)
@@ -222,6 +224,7 @@ def main() -> None:
     bare_rate, celery_rate = sum(bare_rates) / 2, n / digests["seconds"]
     report = {
         "digests": n, "items_per_digest": options.items, "workers": options.workers, "pool": options.pool,
+        "python_speed_us": speed,
         "concurrency": options.concurrency if options.pool != "solo" else 1,
         "bare_smtplib_per_s": round(bare_rate, 1),
         "bare_smtplib_before_after_per_s": [round(rate, 1) for rate in bare_rates],

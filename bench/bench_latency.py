@@ -16,8 +16,11 @@ server (in a process of its own) that answers DATA after ``--data-delay`` second
    (``-Q alerts,alerts.send --pool threads -c T -O fair --without-gossip --without-mingle``,
    Redis broker, PostgreSQL) send them; timed from the trigger until the server has N
    messages; duplicates and missing messages counted at the server by Message-ID;
-3. CPU seconds per 1,000 digests of the workers, the PostgreSQL server and Redis over
-   the Celery run (from /proc and Redis INFO).
+3. CPU seconds per 1,000 digests of the workers, the PostgreSQL server, Redis and the
+   SMTP server over the Celery run (from /proc and Redis INFO), the cores the whole
+   machine kept busy and the share the hypervisor stole; and, once, how fast the machine
+   runs Python (``python_speed_us``): the ratio depends on it, because the reference
+   waits on the server's latency while the workers spend CPU.
 
 Each setup runs ``--repeat`` times (fresh workers, the rows re-queued); the median ratio
 counts, because on a shared 2-core machine one run can be 10 % off the next.
@@ -40,8 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib_pool, count_sent, create_database,  # noqa: E402
-                           digest_sample_message, drop_database, postgres_cpu, process_tree_cpu,
-                           producer_client, redis_cpu, wait_for, worker_env)
+                           digest_sample_message, drop_database, machine_cpu, postgres_cpu, process_tree_cpu,
+                           producer_client, python_speed_us, redis_cpu, wait_for, worker_env)
 from bench.bench_celery import seed, stop_workers, wait_ready  # noqa: E402
 
 TARGETS = {4: 0.85, 8: 0.6}  # threads per worker -> the least ratio to the bare pool
@@ -83,11 +86,13 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
     workers = start_workers(options.workers, threads, env, log_dir)
     try:
         wait_ready(client, options.workers)
-        cpu_before = ([process_tree_cpu(w.pid) for w in workers], postgres_cpu(), redis_cpu(broker))
+        cpu_before = ([process_tree_cpu(w.pid) for w in workers], postgres_cpu(), redis_cpu(broker),
+                      process_tree_cpu(server.pid), machine_cpu())
         started = time.perf_counter()
         client.send_task("alerts.build_digests")
         done = wait_for(lambda: server.ask("count") >= n, options.timeout)
-        cpu_after = ([process_tree_cpu(w.pid) for w in workers], postgres_cpu(), redis_cpu(broker))
+        cpu_after = ([process_tree_cpu(w.pid) for w in workers], postgres_cpu(), redis_cpu(broker),
+                     process_tree_cpu(server.pid), machine_cpu())
         time.sleep(1.0)  # let a late duplicate, if there were one, arrive
         ids = server.ask("ids")
     finally:
@@ -95,19 +100,25 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
     rows_sent = count_sent(url, "user_alert_digests")
     server.ask("reset")
     bare_after = bare_smtplib_pool(server.port, *message, n, connections)
-    celery_rate = n / (done - started)
+    seconds = done - started
+    celery_rate = n / seconds
     bare_rates = (n / bare_before, n / bare_after)
     bare_rate = sum(bare_rates) / 2
     per_thousand = 1000 / n
     cpu = {"workers": round((sum(cpu_after[0]) - sum(cpu_before[0])) * per_thousand, 2),
            "postgresql": round((cpu_after[1] - cpu_before[1]) * per_thousand, 2),
-           "redis": round((cpu_after[2] - cpu_before[2]) * per_thousand, 2)}
+           "redis": round((cpu_after[2] - cpu_before[2]) * per_thousand, 2),
+           "smtp_server": round((cpu_after[3] - cpu_before[3]) * per_thousand, 2)}
     return {
         "bare_pool_per_s": round(bare_rate, 1),
         "bare_pool_before_after_per_s": [round(rate, 1) for rate in bare_rates],
         "celery_digests_per_s": round(celery_rate, 1),
         "ratio": round(celery_rate / bare_rate, 3),
         "cpu_seconds_per_1000_digests": cpu,
+        # Cores the whole machine kept busy during the Celery run, and the share of its
+        # time the hypervisor gave to someone else: at 2 busy cores the run was CPU-bound.
+        "machine_busy_cores": round((cpu_after[4][0] - cpu_before[4][0]) / seconds, 2),
+        "machine_steal_percent": round(100 * (cpu_after[4][1] - cpu_before[4][1]) / (seconds * os.cpu_count()), 1),
         "messages_at_server": len(ids), "duplicates": len(ids) - len(set(ids)),
         "missing": n - len(set(ids)), "rows_sent": rows_sent,
     }
@@ -152,6 +163,7 @@ def main() -> None:
     client = producer_client(broker_url)
     env = worker_env(url, broker_url, server.port)
     runs = []
+    speed = python_speed_us()
     try:
         seed(url, options.digests, options.items)
         message = digest_sample_message(url, server.port)
@@ -165,7 +177,7 @@ def main() -> None:
         broker.flushdb()
     shutil.rmtree(log_dir, ignore_errors=True)
     print(json.dumps({"digests": options.digests, "items_per_digest": options.items,
-                      "data_delay_s": options.data_delay, "runs": runs}, indent=2))
+                      "data_delay_s": options.data_delay, "python_speed_us": speed, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
