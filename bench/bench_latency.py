@@ -18,9 +18,9 @@ server (in a process of its own) that answers DATA after ``--data-delay`` second
    messages; duplicates and missing messages counted at the server by Message-ID;
 3. CPU seconds per 1,000 digests of the workers, the PostgreSQL server, Redis and the
    SMTP server over the Celery run (from /proc and Redis INFO), the cores the whole
-   machine kept busy and the share the hypervisor stole; and, once, how fast the machine
-   runs Python (``python_speed_us``): the ratio depends on it, because the reference
-   waits on the server's latency while the workers spend CPU.
+   machine kept busy and the share the hypervisor stole; and, just before the run, how
+   fast the machine runs Python (``python_speed_us``): the ratio depends on it, because
+   the reference waits on the server's latency while the workers spend CPU.
 
 Each setup runs ``--repeat`` times (fresh workers, the rows re-queued); the median ratio
 counts, because on a shared 2-core machine one run can be 10 % off the next.
@@ -83,6 +83,7 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
     bare_before = bare_smtplib_pool(server.port, *message, n, connections)
     server.ask("reset")
     requeue_digests(url)
+    speed = python_speed_us()  # the machine drifts: read it next to the run it explains
     workers = start_workers(options.workers, threads, env, log_dir)
     try:
         wait_ready(client, options.workers)
@@ -114,6 +115,7 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
         "bare_pool_before_after_per_s": [round(rate, 1) for rate in bare_rates],
         "celery_digests_per_s": round(celery_rate, 1),
         "ratio": round(celery_rate / bare_rate, 3),
+        "python_speed_us": speed,
         "cpu_seconds_per_1000_digests": cpu,
         # Cores the whole machine kept busy during the Celery run, and the share of its
         # time the hypervisor gave to someone else: at 2 busy cores the run was CPU-bound.
@@ -163,7 +165,6 @@ def main() -> None:
     client = producer_client(broker_url)
     env = worker_env(url, broker_url, server.port)
     runs = []
-    speed = python_speed_us()
     try:
         seed(url, options.digests, options.items)
         message = digest_sample_message(url, server.port)
@@ -177,7 +178,7 @@ def main() -> None:
         broker.flushdb()
     shutil.rmtree(log_dir, ignore_errors=True)
     print(json.dumps({"digests": options.digests, "items_per_digest": options.items,
-                      "data_delay_s": options.data_delay, "python_speed_us": speed, "runs": runs}, indent=2))
+                      "data_delay_s": options.data_delay, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
