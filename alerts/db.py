@@ -47,16 +47,17 @@ def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, 
         engine = sa.create_engine(url_obj, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
         _configure_sqlite(engine)
         return engine
-    if url_obj.get_backend_name() == "postgresql" and url_obj.drivername == "postgresql":
-        # psycopg 3, not SQLAlchemy's default psycopg2: it prepares a statement on the
-        # server once it has run five times on a connection (``prepare_threshold``), so
-        # PostgreSQL stops planning the sender's claim, load and record on every send;
-        # and the pool's pre-ping is one round trip, where psycopg2 with an isolation
-        # level set takes three (it SETs default_transaction_isolation around the ping's
-        # switch to autocommit). Measured in replit.md, "What one send costs".
-        url_obj = url_obj.set(drivername="postgresql+psycopg")
-    if url_obj.get_backend_name() == "postgresql" and "connect_timeout" not in url_obj.query:
-        kwargs["connect_args"] = {"connect_timeout": connect_timeout, **kwargs.get("connect_args", {})}
+    if url_obj.get_backend_name() == "postgresql":
+        if url_obj.drivername == "postgresql":
+            # psycopg 3, not SQLAlchemy's default psycopg2: it prepares a statement on the
+            # server once it has run five times on a connection (``prepare_threshold``), so
+            # PostgreSQL stops planning the sender's claim, load and record on every send;
+            # and the pool's pre-ping is one round trip, where psycopg2 with an isolation
+            # level set takes three (it SETs default_transaction_isolation around the ping's
+            # switch to autocommit). Measured in replit.md, "What one send costs".
+            url_obj = url_obj.set(drivername="postgresql+psycopg")
+        if "connect_timeout" not in url_obj.query:
+            kwargs["connect_args"] = {"connect_timeout": connect_timeout, **kwargs.get("connect_args", {})}
     # READ COMMITTED is stated, not assumed: a sender's load must see every digest item
     # Phase D committed before the claim in the same transaction shut it out, which a
     # REPEATABLE READ default would hide.

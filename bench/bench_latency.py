@@ -76,6 +76,14 @@ def requeue_digests(url: str) -> None:
     engine.dispose()
 
 
+def cpu_reading(workers: list[subprocess.Popen], server: SmtpServerProcess, broker) -> dict[str, float]:
+    """CPU seconds so far of each part of the run, and of the whole machine."""
+    busy, stolen = machine_cpu()
+    return {"workers": sum(process_tree_cpu(w.pid) for w in workers), "postgresql": postgres_cpu(),
+            "redis": redis_cpu(broker), "smtp_server": process_tree_cpu(server.pid),
+            "machine_busy": busy, "machine_stolen": stolen}
+
+
 def one_run(url: str, server: SmtpServerProcess, broker, client, options, threads: int,
             message: tuple[str, str, bytes], env: dict, log_dir: Path) -> dict:
     n, connections = options.digests, options.workers * threads
@@ -87,13 +95,11 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
     workers = start_workers(options.workers, threads, env, log_dir)
     try:
         wait_ready(client, options.workers)
-        cpu_before = ([process_tree_cpu(w.pid) for w in workers], postgres_cpu(), redis_cpu(broker),
-                      process_tree_cpu(server.pid), machine_cpu())
+        before = cpu_reading(workers, server, broker)
         started = time.perf_counter()
         client.send_task("alerts.build_digests")
         done = wait_for(lambda: server.ask("count") >= n, options.timeout)
-        cpu_after = ([process_tree_cpu(w.pid) for w in workers], postgres_cpu(), redis_cpu(broker),
-                     process_tree_cpu(server.pid), machine_cpu())
+        spent = {key: value - before[key] for key, value in cpu_reading(workers, server, broker).items()}
         time.sleep(1.0)  # let a late duplicate, if there were one, arrive
         ids = server.ask("ids")
     finally:
@@ -106,10 +112,7 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
     bare_rates = (n / bare_before, n / bare_after)
     bare_rate = sum(bare_rates) / 2
     per_thousand = 1000 / n
-    cpu = {"workers": round((sum(cpu_after[0]) - sum(cpu_before[0])) * per_thousand, 2),
-           "postgresql": round((cpu_after[1] - cpu_before[1]) * per_thousand, 2),
-           "redis": round((cpu_after[2] - cpu_before[2]) * per_thousand, 2),
-           "smtp_server": round((cpu_after[3] - cpu_before[3]) * per_thousand, 2)}
+    cpu = {key: round(spent[key] * per_thousand, 2) for key in ("workers", "postgresql", "redis", "smtp_server")}
     return {
         "bare_pool_per_s": round(bare_rate, 1),
         "bare_pool_before_after_per_s": [round(rate, 1) for rate in bare_rates],
@@ -119,8 +122,8 @@ def one_run(url: str, server: SmtpServerProcess, broker, client, options, thread
         "cpu_seconds_per_1000_digests": cpu,
         # Cores the whole machine kept busy during the Celery run, and the share of its
         # time the hypervisor gave to someone else: at 2 busy cores the run was CPU-bound.
-        "machine_busy_cores": round((cpu_after[4][0] - cpu_before[4][0]) / seconds, 2),
-        "machine_steal_percent": round(100 * (cpu_after[4][1] - cpu_before[4][1]) / (seconds * os.cpu_count()), 1),
+        "machine_busy_cores": round(spent["machine_busy"] / seconds, 2),
+        "machine_steal_percent": round(100 * spent["machine_stolen"] / (seconds * os.cpu_count()), 1),
         "messages_at_server": len(ids), "duplicates": len(ids) - len(set(ids)),
         "missing": n - len(set(ids)), "rows_sent": rows_sent,
     }

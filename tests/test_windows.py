@@ -265,12 +265,12 @@ def test_a_year_of_send_time_windows_tiles_time(zone, send_time):
 
 
 @pytest.mark.parametrize("text, expected", [("07:30", time(7, 30)), ("00:00", time(0)), ("23:59", time(23, 59))])
-def test_parse_send_time_reads_hh_mm(text, expected):
+def test_parse_time_of_day_reads_hh_mm(text, expected):
     assert parse_time_of_day(text) == expected
 
 
 @pytest.mark.parametrize("text", ["7:30", "24:00", "07:60", "07-30", "0730", " 07:30", "07:3a", "", "٠٧:٣٠"])
-def test_parse_send_time_refuses_anything_else(text):
+def test_parse_time_of_day_refuses_anything_else(text):
     with pytest.raises(ValueError):
         parse_time_of_day(text)
 
