@@ -527,7 +527,9 @@ def test_recover_stale_requeues_an_abandoned_send_and_enqueues_it(app, conn, bro
 # --- the send path: claims and outcomes -----------------------------------------------
 
 def terminate_other_sessions(conn) -> None:
-    conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    """End every other session of the database, and wait (up to 5 s each) until each
+    server process has gone: the connections are closed when this returns."""
+    conn.execute(sa.text("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
                          "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
 
 
