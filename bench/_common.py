@@ -277,9 +277,10 @@ def python_speed_us() -> int:
     """Microseconds this machine takes, right now, to build and flatten one two-part
     message with the standard library's ``email`` package (best of five): the kind of
     Python work a send is made of. A ratio to a latency-bound reference falls as this
-    rises, so compare runs only at about the same reading (it read 2,000-2,500 µs on the
-    2-core machine of replit.md's latest figures, where a tiny loop such as
-    ``sum(range(50))`` swung between 450 and 900 ns within a minute and said less)."""
+    rises, so compare runs only at about the same reading (on the 2-core machines of
+    replit.md's figures it read 705-811 µs on a faster day and 1,570-2,620 µs on a slower
+    one, where a tiny loop such as ``sum(range(50))`` swung between 450 and 900 ns within
+    a minute and said less)."""
     import timeit
 
     return round(min(timeit.repeat("build()", setup=_PROBE_SETUP, number=100, repeat=5)) * 1e6 / 100)

@@ -102,6 +102,17 @@ def pg_url(pg_database):
     return pg_database
 
 
+@pytest.fixture
+def conn(pg_url):
+    """A PostgreSQL connection of the test's own, in autocommit: every statement is
+    committed at once, as another process would see it."""
+    engine = make_engine(pg_url)
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        yield connection
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory):
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"

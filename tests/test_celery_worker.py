@@ -29,7 +29,6 @@ from celery import Celery
 
 from alerts import models as m
 from alerts.config import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS, Settings
-from alerts.db import make_engine
 from tests.factories import add_event, add_pref, add_user
 from tests.factories import WINDOW_START, add_digest
 from tests.test_tasks import AFTER_WINDOW, iso
@@ -178,15 +177,6 @@ def worker(broker_url, broker_env, pg_database, smtp_server_session, tmp_path_fa
     process = start_worker(env, tmp_path_factory.mktemp("worker"))
     yield process
     process.stop()
-
-
-@pytest.fixture
-def conn(pg_url):
-    engine = make_engine(pg_url)
-    with engine.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT")
-        yield connection
-    engine.dispose()
 
 
 def status_of(conn, table, row_id: int) -> tuple[str, int]:

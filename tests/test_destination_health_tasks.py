@@ -8,7 +8,7 @@ from alerts import models as m
 from tests.factories import WINDOW_END, add_digest
 from tests.fakes.provider_api import BLOCKED, UPGRADED
 from tests.test_destination_health import CHAT, GONE_EMAIL, NEW_CHAT, attempts_to, instant, seed_user
-from tests.test_tasks import app, broker, broker_url, celery_app, clock, conn, iso  # noqa: F401 (fixtures)
+from tests.test_tasks import app, broker, broker_url, celery_app, clock, iso  # noqa: F401 (fixtures)
 
 
 # --- the Celery send tasks (PostgreSQL) --------------------------------------------------------------

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from alerts import models as m
 from tests.factories import add_delivery, add_event, add_user
-from tests.test_celery_worker import (broker_env, broker_url, client, conn, redis_only, wait_until,  # noqa: F401
+from tests.test_celery_worker import (broker_env, broker_url, client, redis_only, wait_until,  # noqa: F401
                                       worker)
 
 GONE_EMAIL = "gone@example.com"

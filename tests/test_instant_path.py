@@ -16,7 +16,7 @@ from alerts import dispatch, instant_path
 from alerts import models as m
 from alerts.db import lock_key, make_engine
 from tests.factories import add_pref, add_user
-from tests.test_tasks import (PHASE_QUEUE, SEND_QUEUE, app, broker, broker_url, celery_app, clock, conn,  # noqa: F401
+from tests.test_tasks import (PHASE_QUEUE, SEND_QUEUE, app, broker, broker_url, celery_app, clock,  # noqa: F401
                               drain, published, receiving)
 
 EVENT = {"event_key": "ttf-spike-1", "alert_type": "price_spike", "region": "NL", "severity": 4,

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alerts import models as m
 from tests.e2e_runner import ROOT, runner_env
 from tests.factories import add_pref, add_user
-from tests.test_celery_worker import (broker_env, broker_url, celery_env, client, conn, redis_only,  # noqa: F401
+from tests.test_celery_worker import (broker_env, broker_url, celery_env, client, redis_only,  # noqa: F401
                                       start_worker, wait_until, worker)
 
 EVENT = {"event_key": "ttf-spike-worker", "alert_type": "price_spike", "region": "NL", "severity": 4,

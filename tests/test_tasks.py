@@ -87,15 +87,6 @@ def app(celery_app, broker, pg_url, smtp_server, provider_api, clock, tmp_path):
     worker.configure(None)
 
 
-@pytest.fixture
-def conn(pg_url):
-    engine = make_engine(pg_url)
-    with engine.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT")
-        yield connection
-    engine.dispose()
-
-
 def published(broker, queue: str = SEND_QUEUE) -> list[dict]:
     """The task messages waiting in a Redis queue, oldest first."""
     out = []

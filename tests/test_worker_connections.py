@@ -8,28 +8,23 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import time
 
 import pytest
 import sqlalchemy as sa
 
 from alerts.config import Settings
-from alerts.db import make_engine
 from alerts.worker import WorkerState
+from tests.test_celery_worker import wait_until
 
 PROBE = sa.table("probe", sa.column("n", sa.Integer))
 
 
 @pytest.fixture
-def admin(pg_url):
-    """A connection of the test's own, outside the worker, in autocommit."""
-    engine = make_engine(pg_url)
-    with engine.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT")
-        connection.exec_driver_sql("CREATE TABLE IF NOT EXISTS probe (n integer)")
-        connection.exec_driver_sql("TRUNCATE probe")
-        yield connection
-    engine.dispose()
+def admin(conn):
+    """The test's own autocommit connection, outside the worker, with an empty probe table."""
+    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS probe (n integer)")
+    conn.exec_driver_sql("TRUNCATE probe")
+    return conn
 
 
 @pytest.fixture
@@ -167,7 +162,6 @@ def test_at_shutdown_every_threads_connection_is_closed(state, admin):
 
     state.close()
 
-    deadline = time.monotonic() + 10  # a server process takes a moment to leave the list
-    while worker_sessions(admin) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # a server process takes a moment to leave the list
+    wait_until(lambda: not worker_sessions(admin), 10, describe=lambda: f"still open: {worker_sessions(admin)}")
     assert worker_sessions(admin) == set()
