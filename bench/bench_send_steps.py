@@ -3,19 +3,21 @@
     python bench/bench_send_steps.py [--digests 2000] [--items 3] [--profile FILE]
 
 Seeds ``--digests`` due daily email digests of ``--items`` events (as bench_celery.py
-and bench_latency.py do), then sends each as a send task does, with the outbox's own
-operations, and reads this process's CPU time (``time.process_time``) around each step:
+and bench_latency.py do), sends each through the send tasks' own path (``send_one``)
+with an email channel that builds the message's bytes and stops short of SMTP, and reads
+this process's CPU time (``time.process_time``) inside each step:
 
-1. claim: ``DIGESTS.claim`` for the one row, in the claim-and-load transaction (its
-   BEGIN and the pool checkout with its pre-ping counted here);
-2. load: ``DIGESTS.load`` less the rendering — the statement and its rows;
-3. render: ``render_digest`` (Jinja2), timed inside the load;
-4. mime: ``build_mime`` to bytes, what the email channel hands to smtplib;
-5. record: ``DIGESTS.record`` of a sent outcome, in a transaction of its own.
+- claim: ``DIGESTS.claim``, the UPDATE that takes the row;
+- load: ``DIGESTS.load`` less the rendering — the statement and its rows;
+- render: ``render_digest`` (Jinja2), called by the load;
+- mime: ``build_mime`` to bytes, what the email channel hands to smtplib;
+- record: ``DIGESTS.record``, the UPDATE of the outcome;
+- transactions: the rest of ``send_one`` — the two pool checkouts with their pre-pings,
+  BEGIN and COMMIT of both transactions, and the send path's own bookkeeping.
 
 It prints the milliseconds of CPU per digest of each step and their total, and
-``python_speed_us`` (how fast the machine runs Python that hour). The latency benchmark's
-workers spend about twice the total per digest: Celery's consumer loop, smtplib and the
+``python_speed_us`` (how fast the machine runs Python that hour). The latency
+benchmark's workers spend more per digest: Celery's consumer loop, smtplib and the
 waits for the GIL come on top. ``--profile FILE`` writes a cProfile (CPU time) of the run.
 
 Needs PostgreSQL (ALERTS_BENCH_PG_ADMIN_URL, default postgresql://postgres@127.0.0.1/postgres);
@@ -28,62 +30,70 @@ import cProfile
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import alerts.outbox  # noqa: E402
-from alerts import retry  # noqa: E402
+from alerts.channels import Channel  # noqa: E402
 from alerts.channels.email import build_mime  # noqa: E402
-from alerts.channels.registry import build_channels  # noqa: E402
+from alerts.channels.registry import ChannelSet  # noqa: E402
 from alerts.clock import Clock  # noqa: E402
 from alerts.db import Database, make_engine  # noqa: E402
 from alerts.outbox import DIGESTS  # noqa: E402
+from alerts.phases.send import send_one  # noqa: E402
 from bench._common import create_database, drop_database, python_speed_us, smtp_settings  # noqa: E402
 from bench.bench_celery import seed  # noqa: E402
 
-STEPS = ("claim", "load", "render", "mime", "record")
+STEPS = ("claim", "load", "render", "mime", "record", "transactions")
 
 
-def measure(url: str) -> dict[str, float]:
-    """CPU seconds per step, summed over every due digest, and the count of digests."""
-    settings = smtp_settings(url, 2525)  # nothing connects: no send is made
-    channels, db, clock = build_channels(settings), Database(make_engine(url)), Clock(None)
+class MimeOnlyEmail(Channel):
+    """The email channel less its SMTP conversation: it builds the bytes smtplib is given."""
+
+    name = "email"
+
+    def __init__(self, sender: str):
+        self.sender = sender
+
+    def send(self, recipient, message) -> None:
+        bytes(build_mime(message, self.sender, recipient))
+
+
+def measure(url: str) -> tuple[dict[str, float], int]:
+    """CPU seconds per step, summed over every due digest, and the count of digests sent."""
+    settings = smtp_settings(url, 2525)
+    db, clock = Database(make_engine(url)), Clock(None)
+    channels = ChannelSet({"email": MimeOnlyEmail(settings.email_from)})
     spent = dict.fromkeys(STEPS, 0.0)
-    render = alerts.outbox.render_digest
 
-    def timed_render(*args, **kwargs):
-        start = time.process_time()
-        try:
-            return render(*args, **kwargs)
-        finally:
-            spent["render"] += time.process_time() - start
+    def timed(step: str, function):
+        def run(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[step] += time.process_time() - start
+        return run
 
     with db.transaction() as conn:
         ids = conn.exec_driver_sql("SELECT id FROM user_alert_digests ORDER BY id").scalars().all()
-    alerts.outbox.render_digest = timed_render
-    try:
+    steps = [(DIGESTS, "claim"), (DIGESTS, "load"), (alerts.outbox, "render_digest"),
+             (MimeOnlyEmail, "send"), (DIGESTS, "record")]
+    sent = 0
+    with ExitStack() as patches:
+        for (owner, attribute), step in zip(steps, STEPS):
+            patches.enter_context(mock.patch.object(owner, attribute, timed(step, getattr(owner, attribute))))
         for row_id in ids:
-            t0 = time.process_time()
-            with db.transaction() as conn:
-                claimed = DIGESTS.claim(conn, clock.now(), 1, row_id=row_id)
-                t1 = time.process_time()
-                (job,) = DIGESTS.load(conn, claimed, settings, channels)
-            t2 = time.process_time()
-            bytes(build_mime(job.message, settings.email_from, job.recipient))
-            t3 = time.process_time()
-            with db.transaction() as conn:
-                assert DIGESTS.record(conn, job, retry.sent(clock.now()))
-            t4 = time.process_time()
-            spent["claim"] += t1 - t0
-            spent["load"] += t2 - t1
-            spent["mime"] += t3 - t2
-            spent["record"] += t4 - t3
-    finally:
-        alerts.outbox.render_digest = render
-        db.engine.dispose()
-    spent["load"] -= spent["render"]
-    return {**spent, "digests": len(ids)}
+            start = time.process_time()
+            sent += send_one(db, DIGESTS, row_id, clock, settings, channels) == "sent"
+            spent["transactions"] += time.process_time() - start
+    db.engine.dispose()
+    spent["load"] -= spent["render"]  # the load renders
+    spent["transactions"] -= sum(spent[step] for step in STEPS[:-1])
+    return spent, sent
 
 
 def main() -> None:
@@ -99,13 +109,12 @@ def main() -> None:
         profile = cProfile.Profile(time.process_time) if options.profile else None
         if profile:
             profile.enable()
-        spent = measure(url)
+        spent, n = measure(url)
         if profile:
             profile.disable()
             profile.dump_stats(options.profile)
     finally:
         drop_database(url)
-    n = spent.pop("digests")
     if n != options.digests:
         raise SystemExit(f"sent {n} digests, expected {options.digests}")
     per_digest = {step: round(spent[step] / n * 1e3, 3) for step in STEPS}
