@@ -1,5 +1,5 @@
 """What ``celery -A celery_app beat`` triggers, and how often (``ALERTS_BEAT_*_SECONDS``,
-parsed with every other setting in alerts/config.py).
+parsed with every other setting in alerts/core/settings.py).
 
 Every entry expires after one interval: when the workers are down, beat does not pile up
 a backlog of identical phase runs. Two beats at once are safe — phases hold advisory
@@ -7,7 +7,7 @@ locks, rows are enqueued once, and only one claim per row can win.
 """
 from __future__ import annotations
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 
 # (entry, task, kwargs, the Settings field holding its interval)
 ENTRIES = (

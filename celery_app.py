@@ -1,6 +1,6 @@
 """The Celery application: ``celery -A celery_app worker`` / ``celery -A celery_app beat``.
 
-Configuration comes from the environment through ``Settings`` (alerts/config.py) and is
+Configuration comes from the environment through ``Settings`` (alerts/core/settings.py) and is
 validated on import: a bad value exits 2 with a message naming the variable, before a
 worker or beat starts.
 
@@ -15,7 +15,7 @@ from celery import Celery
 from kombu import Queue
 
 import beat_schedule
-from alerts.config import ConfigError, Settings
+from alerts.core.settings import ConfigError, Settings
 
 PHASE_QUEUE = "alerts"  # phase runs, dispatch, recovery, ingest: short and few
 SEND_QUEUE = "alerts.send"  # one task per message: many; its own queue so a backlog
@@ -55,5 +55,5 @@ except ConfigError as exc:
     print(f"configuration error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
 
-app = Celery("energyriskiq_alerts", broker=_settings.celery_broker_url, include=["alerts.tasks"])
+app = Celery("energyriskiq_alerts", broker=_settings.celery_broker_url, include=["alerts.celery.tasks"])
 app.conf.update(configuration(_settings))

@@ -76,7 +76,7 @@ class SmtpServerProcess:
 def create_database(prefix: str, admin_url: str = ADMIN_URL) -> str:
     import sqlalchemy as sa
 
-    from alerts.db import make_engine, migrate
+    from alerts.core.db import make_engine, migrate
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -91,7 +91,7 @@ def create_database(prefix: str, admin_url: str = ADMIN_URL) -> str:
 def drop_database(url: str, admin_url: str = ADMIN_URL) -> None:
     import sqlalchemy as sa
 
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     name = sa.engine.make_url(url).database
     admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -105,7 +105,7 @@ def drop_database(url: str, admin_url: str = ADMIN_URL) -> None:
 def database(url: str | None = None, prefix: str = "alerts_bench") -> Iterator[str]:
     """``url`` migrated (its alert tables are the caller's to empty), or a throwaway
     database created for the block and dropped after it."""
-    from alerts.db import migrate
+    from alerts.core.db import migrate
 
     if url:
         migrate(url)
@@ -119,11 +119,11 @@ def database(url: str | None = None, prefix: str = "alerts_bench") -> Iterator[s
 
 
 def sample_message(url: str, port: int, outbox) -> tuple[str, str, bytes]:
-    """The first row of ``outbox`` (alerts.outbox.INSTANT or DIGESTS) rendered and built
+    """The first row of ``outbox`` (alerts.sending.outbox.INSTANT or DIGESTS) rendered and built
     exactly as the senders do it: (from, to, bytes) for the bare smtplib reference."""
     from alerts.channels.email import build_mime
     from alerts.channels.registry import build_channels
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     settings = smtp_settings(url, port)
     engine = make_engine(url)
@@ -136,14 +136,14 @@ def sample_message(url: str, port: int, outbox) -> tuple[str, str, bytes]:
 
 def digest_sample_message(url: str, port: int) -> tuple[str, str, bytes]:
     """``sample_message`` for the first digest."""
-    from alerts.outbox import DIGESTS
+    from alerts.sending.outbox import DIGESTS
 
     return sample_message(url, port, DIGESTS)
 
 
 def count_sent(url: str, table: str) -> int:
     """Rows of ``table`` (one of ours) in status ``sent``."""
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     engine = make_engine(url)
     with engine.connect() as conn:
@@ -153,7 +153,7 @@ def count_sent(url: str, table: str) -> int:
 
 
 def smtp_settings(url: str, port: int, **extra: str):
-    from alerts.config import Settings
+    from alerts.core.settings import Settings
 
     return Settings.from_env({"DATABASE_URL": url, "ALERTS_SMTP_HOST": "127.0.0.1", "ALERTS_SMTP_PORT": str(port),
                               "ALERTS_SMTP_TLS": "none", **extra})

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa  # noqa: E402
 
-from alerts import blocks, models as m  # noqa: E402
-from alerts.db import make_engine  # noqa: E402
-from alerts.outbox import EVENT_KEYS, INSTANT, _user_columns  # noqa: E402
+from alerts.sending import blocks
+from alerts.core import tables as m  # noqa: E402
+from alerts.core.db import make_engine  # noqa: E402
+from alerts.sending.outbox import EVENT_KEYS, INSTANT, _user_columns  # noqa: E402
 from bench._common import create_database, drop_database  # noqa: E402
 
 BATCH = 200

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from celery import shared_task  # noqa: E402
 
-from alerts.outbox import DIGESTS  # noqa: E402
+from alerts.sending.outbox import DIGESTS  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, count_sent, create_database, drop_database,  # noqa: E402
                            producer_client, python_speed_us, sample_message, smtp_settings, wait_for,
                            worker_env)
@@ -59,7 +59,7 @@ def noop() -> None:
 
 def seed(url: str, digests: int, items: int) -> None:
     """``digests`` users, each with one due daily digest of ``items`` events (set-based)."""
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     window_end = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
     window_start = window_end - timedelta(days=1)
@@ -95,7 +95,7 @@ def render_and_send(url: str, port: int, n: int) -> float:
     floor for any sender that renders each digest in Python."""
     from alerts.channels.email import build_mime, envelope_sender
     from alerts.channels.registry import build_channels
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     settings = smtp_settings(url, port)
     sender = envelope_sender(settings.email_from)

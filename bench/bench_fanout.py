@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from alerts.db import make_engine  # noqa: E402
+from alerts.core.db import make_engine  # noqa: E402
 from bench._common import database  # noqa: E402
 
 NOW = datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)
@@ -270,9 +270,9 @@ def _run_reference(engine, statements: list[str]) -> dict:
 def _child(url: str, bypass_severity: int | None) -> None:
     """Runs in its own process: Phase B once, then its time and counts as JSON."""
     from alerts.channels.registry import ChannelSet
-    from alerts.clock import Clock
-    from alerts.config import Settings
-    from alerts.db import Database
+    from alerts.core.clock import Clock
+    from alerts.core.settings import Settings
+    from alerts.core.db import Database
     from alerts.phases.fanout import run_phase_b
 
     env = {"DATABASE_URL": url}

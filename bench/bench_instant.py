@@ -84,7 +84,7 @@ def start_worker(env: dict, pool: str, concurrency: int, log_dir: Path) -> subpr
 
 
 def add_reader(url: str) -> None:
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     engine = make_engine(url)
     with engine.begin() as conn:

@@ -64,7 +64,7 @@ def start_workers(count: int, threads: int, env: dict, log_dir: Path) -> list[su
 
 
 def requeue_digests(url: str) -> None:
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     engine = make_engine(url)
     with engine.begin() as conn:

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from alerts.config import Settings  # noqa: E402
-from alerts.db import make_engine  # noqa: E402
+from alerts.core.settings import Settings  # noqa: E402
+from alerts.core.db import make_engine  # noqa: E402
 from bench._common import database  # noqa: E402
 
 NOW = datetime(2026, 5, 13, 12, 0, tzinfo=timezone.utc)
@@ -240,9 +240,9 @@ def _child(url: str) -> None:
     """Runs in its own process: Phase D once, then its time and peak RSS as JSON."""
     import resource
 
-    from alerts.db import Database
+    from alerts.core.db import Database
     from alerts.channels.registry import ChannelSet
-    from alerts.clock import Clock
+    from alerts.core.clock import Clock
     from alerts.phases.digests import run_phase_d
 
     settings = Settings.from_env({**ENV, "DATABASE_URL": url})

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alerts.outbox import INSTANT  # noqa: E402
+from alerts.sending.outbox import INSTANT  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
                            count_sent, drop_database, sample_message, smtp_settings)
 
@@ -41,7 +41,7 @@ TARGET_RATIO = 0.5
 
 def seed(url: str, n: int) -> None:
     """n users, each with one queued instant email delivery of one of 50 events."""
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     created = datetime.now(timezone.utc) - timedelta(hours=1)
     engine = make_engine(url)
@@ -63,7 +63,7 @@ def seed(url: str, n: int) -> None:
 
 
 def requeue(url: str) -> None:
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     engine = make_engine(url)
     with engine.begin() as conn:
@@ -76,8 +76,8 @@ def requeue(url: str) -> None:
 
 def phase_c_in_process(url: str, port: int, profile: str | None) -> tuple[float, dict]:
     from alerts.channels.registry import build_channels
-    from alerts.db import Database, make_engine
-    from alerts.clock import Clock
+    from alerts.core.db import Database, make_engine
+    from alerts.core.clock import Clock
     from alerts.phases.send import run_phase_c
 
     settings = smtp_settings(url, port)

@@ -36,13 +36,13 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import alerts.outbox  # noqa: E402
+import alerts.sending.outbox  # noqa: E402
 from alerts.channels import Channel  # noqa: E402
 from alerts.channels.email import build_mime  # noqa: E402
 from alerts.channels.registry import ChannelSet  # noqa: E402
-from alerts.clock import Clock  # noqa: E402
-from alerts.db import Database, make_engine  # noqa: E402
-from alerts.outbox import DIGESTS  # noqa: E402
+from alerts.core.clock import Clock  # noqa: E402
+from alerts.core.db import Database, make_engine  # noqa: E402
+from alerts.sending.outbox import DIGESTS  # noqa: E402
 from alerts.phases.send import send_one  # noqa: E402
 from bench._common import create_database, drop_database, python_speed_us, smtp_settings  # noqa: E402
 from bench.bench_celery import seed  # noqa: E402
@@ -80,7 +80,7 @@ def measure(url: str) -> tuple[dict[str, float], int]:
 
     with db.transaction() as conn:
         ids = conn.exec_driver_sql("SELECT id FROM user_alert_digests ORDER BY id").scalars().all()
-    steps = [(DIGESTS, "claim"), (DIGESTS, "load"), (alerts.outbox, "render_digest"),
+    steps = [(DIGESTS, "claim"), (DIGESTS, "load"), (alerts.sending.outbox, "render_digest"),
              (MimeOnlyEmail, "send"), (DIGESTS, "record")]
     sent = 0
     with ExitStack() as patches:

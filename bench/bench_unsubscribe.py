@@ -35,7 +35,7 @@ BATCH = 200
 
 
 def seed(engine, users: int, rows: int, queued_per_user: int = 0) -> list[int]:
-    from alerts import models as m
+    from alerts.core import tables as m
 
     with engine.begin() as conn:
         ids = conn.execute(sa.insert(m.users).returning(m.users.c.id),
@@ -55,9 +55,9 @@ def seed(engine, users: int, rows: int, queued_per_user: int = 0) -> list[int]:
 
 
 def time_loads(engine, rounds: int) -> dict:
-    from alerts import outbox
+    from alerts.sending import outbox
     from alerts.channels.registry import ChannelSet
-    from alerts.config import Settings
+    from alerts.core.settings import Settings
 
     settings = Settings.from_env({"DATABASE_URL": str(engine.url)})
     channels = ChannelSet()  # no channel: the load's query and rows only, no rendering
@@ -88,9 +88,10 @@ def time_loads(engine, rounds: int) -> dict:
 
 
 def time_posts(url: str, posts: int, queued: int) -> dict:
-    from alerts import unsubscribe as unsub
-    from alerts.config import Settings
-    from alerts.db import make_engine
+    from alerts.core import tokens
+    from alerts.subscribers import unsubscribe as unsub
+    from alerts.core.settings import Settings
+    from alerts.core.db import make_engine
     from alerts.web import create_app
 
     engine = make_engine(url)
@@ -101,7 +102,7 @@ def time_posts(url: str, posts: int, queued: int) -> dict:
     client = create_app(Settings.from_env({"DATABASE_URL": url, "ALERTS_SECRET_KEY": KEY}), engine=engine).test_client()
     latencies = []
     for user in users:
-        token = unsub.make_token(KEY, user, "email")
+        token = tokens.make_token(KEY, user, "email")
         start = time.perf_counter()
         response = client.post(f"/unsubscribe/{token}", data={"List-Unsubscribe": "One-Click"})
         latencies.append(time.perf_counter() - start)
@@ -124,7 +125,7 @@ def main() -> int:
     parser.add_argument("--posts", type=int, default=300)
     parser.add_argument("--queued", type=int, default=5)
     args = parser.parse_args()
-    from alerts.db import make_engine
+    from alerts.core.db import make_engine
 
     with database(prefix="alerts_bench_unsub") as url:
         engine = make_engine(url)

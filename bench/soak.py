@@ -58,9 +58,9 @@ import redis  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from alerts import models as m  # noqa: E402
-from alerts.db import Database, make_engine, migrate  # noqa: E402
-from alerts.producers import ingest_event  # noqa: E402
+from alerts.core import tables as m  # noqa: E402
+from alerts.core.db import Database, make_engine, migrate  # noqa: E402
+from alerts.phases.ingest import ingest_event  # noqa: E402
 import soak_check  # noqa: E402
 from tests.fakes.provider_api import BLOCKED, ProviderApi  # noqa: E402
 from tests.fakes.smtp_server import MAILBOX_UNAVAILABLE, TRY_LATER, FakeSmtpServer  # noqa: E402
@@ -666,8 +666,8 @@ class Faults:
         self.record("unsubscribe")
 
     def _unsubscribe(self, user: int) -> None:
-        from alerts.config import Settings
-        from alerts.unsubscribe import make_token
+        from alerts.core.settings import Settings
+        from alerts.core.tokens import make_token
         from alerts.web import create_app
 
         key = WORKER_ENV["ALERTS_SECRET_KEY"]

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.messages import digest_message_id
 
 UTC = timezone.utc
@@ -403,7 +403,7 @@ def _check_policy(r: Report, users, events, deliveries, default_tz: str, quiet_b
       channel — so the superseded one is accounted for, not lost;
     - an instant delivery created inside its user's quiet period, below the bypass
       severity, was not sent before the period ended."""
-    from alerts.quiet_hours import release_at
+    from alerts.policy.quiet_hours import release_at
 
     by_user_event = {(d.user_id, d.alert_event_id, d.channel): d for d in deliveries.values()}
     for d in deliveries.values():

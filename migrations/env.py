@@ -4,7 +4,7 @@ import os
 
 from alembic import context
 
-from alerts.db import make_engine
+from alerts.core.db import make_engine
 
 config = context.config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from alerts.channels.registry import ChannelSet
-from alerts.clock import Clock
+from alerts.core.clock import Clock
 
 NO_CHANNELS = ChannelSet()  # for phases that send nothing (A, B, D)
 

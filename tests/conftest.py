@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from alerts.config import Settings
-from alerts.db import Database, make_engine, migrate
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine, migrate
 
 pytest_plugins = ["tests.fakes.fixtures"]
 

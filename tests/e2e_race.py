@@ -10,7 +10,7 @@
         concurrent senders apart. Says it is ready (FILE.ready.PID) and starts when FILE
         exists, so that all start together;
     python -m tests.e2e_race produce --batches N --size K --created-at ISO [ISO ...]
-        ingests N batches of K events (alerts.producers, the code behind `alerts ingest`)
+        ingests N batches of K events (alerts.phases.ingest, the code behind `alerts ingest`)
         and fans each batch out with Phases A and B under their locks. After half the
         batches it waits until some digest has been sent, so the second half arrives for
         windows whose digest has already left `queued`.
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.cli.run import execute
-from alerts.clock import Clock, parse_instant
-from alerts.config import Settings
-from alerts.db import Database, make_engine
-from alerts.pipeline import run_phases, session
-from alerts.producers import ingest_lines
+from alerts.core.clock import Clock, parse_instant
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine
+from alerts.phases.pipeline import run_phases, session
+from alerts.phases.ingest import ingest_lines
 
 MAX_SECONDS = 90  # a loop or producer never outlives a stuck test
 EXIT_TIMED_OUT = 4
@@ -55,7 +55,7 @@ def loop(phase: str, now: str, stop: Path) -> int:
 
 def _tasks_runner(now: str):
     from alerts.channels.registry import build_channels
-    from alerts.outbox import OUTBOXES
+    from alerts.sending.outbox import OUTBOXES
     from alerts.phases.send import send_one
 
     settings = Settings.from_env()
@@ -77,7 +77,7 @@ def _tasks_runner(now: str):
 
 
 def send(now: str, go: Path) -> int:
-    from alerts.outbox import INSTANT
+    from alerts.sending.outbox import INSTANT
     from alerts.phases.send import send_due
 
     settings = Settings.from_env()

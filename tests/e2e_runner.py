@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from alerts.db import make_engine
+from alerts.core.db import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 # Generous for a subprocess on a busy 2-core machine; only bounds a hung run.

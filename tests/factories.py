@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 
 _seq = itertools.count(1)
 

@@ -27,8 +27,8 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 
-from alerts import models as m
-from alerts.config import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS, Settings
+from alerts.core import tables as m
+from alerts.core.settings import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS, Settings
 from tests.factories import add_event, add_pref, add_user
 from tests.factories import WINDOW_START, add_digest
 from tests.test_tasks import AFTER_WINDOW, iso

@@ -11,10 +11,10 @@ from alerts.channels.email import FileEmailChannel, SmtpEmailChannel
 from alerts.channels.http import retry_after_seconds
 from alerts.channels.recorder import RecordingChannel
 from alerts.channels.registry import build_channels, recording_channels
-from alerts.models import RECIPIENT_COLUMNS
+from alerts.core.tables import RECIPIENT_COLUMNS
 from alerts.channels.sms import TwilioSmsChannel
 from alerts.channels.telegram import TelegramChannel
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import EmailMessage, TextMessage
 
 EMAIL = EmailMessage("subject", "text", "<p>html</p>", "<delivery.1@energyriskiq.com>")

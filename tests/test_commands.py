@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.cli import cli
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.phases.digests import run_phase_d
 from tests.factories import WINDOW_END, add_delivery, add_digest, add_event, add_user
 from tests.clock import NO_CHANNELS, clock_at

@@ -13,8 +13,8 @@ from collections import Counter, defaultdict
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.db import lock_key, make_engine
+from alerts.core import tables as m
+from alerts.core.db import lock_key, make_engine
 from tests.e2e_runner import (ROOT, RUN_TIMEOUT_SECONDS, email_event_ids, finish, run_phase, runner_env,
                               start_phase, telegram_event_ids)
 from tests.factories import add_delivery, add_event, add_pref, add_user, rows

@@ -1,6 +1,6 @@
 import pytest
 
-from alerts.config import ConfigError, Settings
+from alerts.core.settings import ConfigError, Settings
 
 
 def test_defaults_follow_the_spec():

@@ -12,7 +12,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from alerts.config import ConfigError, Settings
+from alerts.core.settings import ConfigError, Settings
 
 PASSWORD = "hunter2-do-not-print"
 # The three ways in: the console script's commands, the runner, and migrate.

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.phases.fanout import run_phase_b
-from alerts.pipeline import run_phases, session
+from alerts.phases.pipeline import run_phases, session
 from tests.clock import NO_CHANNELS, clock_at
 from tests.factories import add_delivery, add_event, add_pref, add_user, rows
 from tests.fakes.fixtures import with_fakes

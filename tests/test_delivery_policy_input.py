@@ -10,9 +10,9 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.config import ConfigError, Settings
-from alerts.db import migrate
+from alerts.core import tables as m
+from alerts.core.settings import ConfigError, Settings
+from alerts.core.db import migrate
 from tests.factories import add_user
 
 BAD_SEND_TIMES = ["7:30", "07:3", "24:00", "07:60", "0730", "07-30", "07:30 ", " 07:30", "7h30", "", "ab:cd",

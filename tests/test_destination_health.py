@@ -19,10 +19,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.cli import cli
-from alerts.db import make_engine
-from alerts.pipeline import run_phases, session
+from alerts.core.db import make_engine
+from alerts.phases.pipeline import run_phases, session
 from tests.clock import clock_at
 from tests.e2e_runner import ROOT, finish, runner_env
 from tests.factories import WINDOW_END, add_delivery, add_digest, add_event, add_user

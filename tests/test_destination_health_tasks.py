@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from tests.factories import WINDOW_END, add_digest
 from tests.fakes.provider_api import BLOCKED, UPGRADED
 from tests.test_destination_health import CHAT, GONE_EMAIL, NEW_CHAT, attempts_to, instant, seed_user
@@ -47,7 +47,7 @@ def test_the_send_task_follows_a_chat_migration(app, conn, provider_api):  # noq
 
 
 def test_a_blocked_chat_does_not_wait_for_the_rate_limiter(app, conn, provider_api):  # noqa: F811 (fixtures)
-    from alerts.outbox import INSTANT
+    from alerts.sending.outbox import INSTANT
 
     user = seed_user(conn)
     instant(conn, user, "telegram")

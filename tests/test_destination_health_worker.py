@@ -7,7 +7,7 @@ from collections import Counter
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from tests.factories import add_delivery, add_event, add_user
 from tests.test_celery_worker import (broker_env, broker_url, client, redis_only, wait_until,  # noqa: F401
                                       worker)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from datetime import datetime, timezone
 
-from alerts.windows import digest_key
+from alerts.policy.windows import digest_key
 from tests.e2e_runner import ROOT, RUN_TIMEOUT_SECONDS, dump_database, run_phase, runner_args, runner_env
 from tests.factories import WINDOW_START, add_delivery, add_digest, add_event, add_pref, add_user
 

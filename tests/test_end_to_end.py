@@ -6,8 +6,8 @@ import re
 
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.db import make_engine
+from alerts.core import tables as m
+from alerts.core.db import make_engine
 from tests.e2e_runner import (email_event_ids, event, finish, html_part, ingest, plain_part, run_phase,
                               runner_env, start_phase, telegram_event_ids)
 from tests.factories import add_pref, add_user, rows

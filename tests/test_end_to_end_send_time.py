@@ -2,8 +2,8 @@
 as cron runs it, the digest out to the fake SMTP server at 07:30 with the night in it."""
 from __future__ import annotations
 
-from alerts import models as m
-from alerts.db import make_engine
+from alerts.core import tables as m
+from alerts.core.db import make_engine
 from tests.e2e_runner import email_event_ids, event, ingest, plain_part, run_phase, runner_env
 from tests.factories import add_pref, add_user, rows
 

@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from celery.signals import task_retry
 
-from alerts import dispatch, instant_path
-from alerts import models as m
-from alerts.db import lock_key, make_engine
+from alerts.sending import dispatch
+from alerts.celery import instant_path
+from alerts.core import tables as m
+from alerts.core.db import lock_key, make_engine
 from tests.factories import add_pref, add_user
 from tests.test_tasks import (PHASE_QUEUE, SEND_QUEUE, app, broker, broker_url, celery_app, clock,  # noqa: F401
                               drain, published, receiving)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from tests.e2e_runner import ROOT, runner_env
 from tests.factories import add_pref, add_user
 from tests.test_celery_worker import (broker_env, broker_url, celery_env, client, redis_only,  # noqa: F401

@@ -11,11 +11,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels.registry import ChannelSet, build_channels
 from alerts.cli import cli
-from alerts.db import Database
-from alerts.pipeline import ALL, run_phases
+from alerts.core.db import Database
+from alerts.phases.pipeline import ALL, run_phases
 from tests.clock import clock_at
 from tests.factories import add_delivery, add_digest, add_event, add_pref, add_user, rows
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import render_digest
 from alerts.messages.collapse import collapse
 from tests.telegram_html import parse_telegram_html, telegram_units

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import EmailMessage, TextMessage, render_digest, window_label
 from tests.telegram_html import parse_telegram_html, telegram_units
 

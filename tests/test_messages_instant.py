@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import EmailMessage, TextMessage, render_instant, severity_label
 from alerts.messages.render import safe_url
 from tests.telegram_html import parse_telegram_html, telegram_units

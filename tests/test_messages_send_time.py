@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import render_digest, window_label
-from alerts.windows import digest_window
+from alerts.policy.windows import digest_window
 from tests.telegram_html import parse_telegram_html
 
 UTC = timezone.utc

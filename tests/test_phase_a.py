@@ -2,7 +2,7 @@
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.phases import intake
 from alerts.phases.intake import normalise, run_phase_a, validate_event
 from tests.factories import add_event

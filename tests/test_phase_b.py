@@ -1,9 +1,9 @@
 """Phase B — fan-out, on both databases."""
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.config import Settings
-from alerts.db import Database, make_engine
+from alerts.core import tables as m
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine
 from alerts.phases.fanout import run_phase_b
 from tests.factories import add_delivery, add_event, add_pref, add_user, rows
 from tests.clock import NO_CHANNELS, clock_at

@@ -17,12 +17,12 @@ from html.parser import HTMLParser
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels.registry import build_channels
-from alerts.config import Settings
-from alerts.db import Database
+from alerts.core.settings import Settings
+from alerts.core.db import Database
 from alerts.phases.send import run_phase_c
-from alerts.pipeline import run_phases, session
+from alerts.phases.pipeline import run_phases, session
 from tests.clock import clock_at
 from tests.factories import WINDOW_END, add_delivery, add_digest, add_event, add_pref, add_user
 from tests.fakes import ProviderApi

@@ -10,12 +10,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from alerts import models as m
-from alerts.config import Settings
-from alerts.db import Database, make_engine
+from alerts.core import tables as m
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine
 from alerts.phases.digests import run_phase_d
-from alerts.outbox import DIGESTS
-from alerts.windows import digest_key
+from alerts.sending.outbox import DIGESTS
+from alerts.policy.windows import digest_key
 from tests.factories import add_delivery, add_event, add_user, rows
 from tests.clock import NO_CHANNELS, clock_at
 

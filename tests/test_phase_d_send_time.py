@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.phases.digests import run_phase_d
-from alerts.windows import digest_key
+from alerts.policy.windows import digest_key
 from tests.clock import NO_CHANNELS, clock_at
 from tests.factories import add_delivery, add_event, add_user, rows
 

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.cli import cli
 from alerts.phases.digests import run_phase_d
 from tests.clock import NO_CHANNELS, clock_at

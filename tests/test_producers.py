@@ -5,9 +5,9 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from alerts import producers as ingest_module
-from alerts import models as m
-from alerts.producers import MalformedEvent, ingest_event, ingest_lines, parse_line
+from alerts.phases import ingest as ingest_module
+from alerts.core import tables as m
+from alerts.phases.ingest import MalformedEvent, ingest_event, ingest_lines, parse_line
 from alerts.phases.intake import run_phase_a
 from tests.clock import NO_CHANNELS, clock_at
 

@@ -4,7 +4,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from alerts.quiet_hours import is_quiet, parse_quiet_hours, release_at
+from alerts.policy.quiet_hours import is_quiet, parse_quiet_hours, release_at
 
 AMS = ZoneInfo("Europe/Amsterdam")
 NY = ZoneInfo("America/New_York")

@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 import redis
 
-from alerts.ratelimit import TELEGRAM_GLOBAL, TELEGRAM_PER_CHAT, Permit, Rate, TelegramLimiter
+from alerts.sending.ratelimit import TELEGRAM_GLOBAL, TELEGRAM_PER_CHAT, Permit, Rate, TelegramLimiter
 
 
 

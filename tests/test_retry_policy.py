@@ -3,9 +3,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from alerts import retry
+from alerts.sending import retry
 from alerts.channels import DeliveryError
-from alerts.config import Settings
+from alerts.core.settings import Settings
 
 NOW = datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)
 SETTINGS = Settings.from_env({})  # base 60 s, cap 3600 s, 5 attempts

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from alerts.db import migrate
+from alerts.core.db import migrate
 
 
 def run(args, env_extra=None, cwd=None, stdin=None):

@@ -1,8 +1,8 @@
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.db import NotMigrated, check_migrated, make_engine, migrate
+from alerts.core import tables as m
+from alerts.core.db import NotMigrated, check_migrated, make_engine, migrate
 from tests.factories import add_event, add_pref, add_user
 
 

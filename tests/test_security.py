@@ -23,18 +23,18 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels import DeliveryError
 from alerts.channels.http import MAX_DESCRIPTION_CHARS, URLLIB3_URL_LOGGERS, basic_auth_forms
 from alerts.channels.sms import TwilioSmsChannel
 from alerts.channels.telegram import TelegramChannel
 from alerts.cli import cli
-from alerts.config import Settings
-from alerts.db import Database, make_engine
-from alerts.producers import MAX_EVENT_BYTES, MalformedEvent, ingest_event, ingest_lines
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine
+from alerts.phases.ingest import MAX_EVENT_BYTES, MalformedEvent, ingest_event, ingest_lines
 from alerts.messages import TextMessage
 from alerts.phases.intake import MAX_SUMMARY_CHARS, MAX_TITLE_CHARS, MAX_URL_CHARS, run_phase_a
-from alerts.pipeline import run_phases, session
+from alerts.phases.pipeline import run_phases, session
 from tests.clock import NO_CHANNELS, clock_at
 from tests.factories import add_event, add_pref, add_user
 from tests.fakes import ProviderApi
@@ -291,7 +291,7 @@ def test_a_bad_setting_is_reported_without_the_secrets_beside_it():
 # Every place that builds SQL text from Python values, with why it is safe. Each value is
 # a constant of our own code (a table name we declared, an integer constant), never input.
 DYNAMIC_SQL_ALLOWED = {
-    ("alerts/db.py", "f'PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}'"),  # module integer constant
+    ("alerts/core/db.py", "f'PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}'"),  # module integer constant
     ("alerts/phases/intake.py", "f'ANALYZE {_verdicts.name}'"),  # our temporary table's name
     ("alerts/phases/fanout.py", "f'ANALYZE {_events.name}'"),  # our temporary table's name
     ("alerts/phases/digests.py", "f'ANALYZE {table.name}'"),  # our temporary table's name

@@ -17,12 +17,12 @@ from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.registry import ChannelSet
-from alerts.config import Settings
-from alerts.db import Database, make_engine
-from alerts.outbox import INSTANT
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine
+from alerts.sending.outbox import INSTANT
 from alerts.phases.send import recover_stale, run_phase_c, send_due, send_one
 from tests.clock import ManualClock, clock_at
 from tests.conftest import PG_ADMIN_URL
@@ -161,7 +161,7 @@ def test_claims_made_late_in_a_long_run_carry_the_time_they_were_made(pg_url, mo
     """A runner whose earlier phases took minutes must not stamp its claims with the
     time it started: another process's lease recovery, on its own clock, would take
     them for abandoned and send them again (found by the soak)."""
-    from alerts import pipeline
+    from alerts.phases import pipeline
 
     engine = make_engine(pg_url)
     (delivery,) = seed(engine)

@@ -15,9 +15,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.clock import parse_instant
-from alerts.db import make_engine
+from alerts.core import tables as m
+from alerts.core.clock import parse_instant
+from alerts.core.db import make_engine
 from tests.e2e_runner import ROOT, RUN_TIMEOUT_SECONDS, finish, run_phase, runner_env, start_phase
 from tests.factories import add_delivery, add_event, add_pref, add_user, rows
 

@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from alerts import models as m
-from alerts.config import Settings
-from alerts.db import RECONNECT_PAUSES_SECONDS, make_engine
+from alerts.core import tables as m
+from alerts.core.settings import Settings
+from alerts.core.db import RECONNECT_PAUSES_SECONDS, make_engine
 from tests.factories import add_digest, add_user
 from tests.test_celery_worker import celery_env, message_ids, start_worker, status_of, wait_until
 from tests.test_tasks import AFTER_WINDOW, iso

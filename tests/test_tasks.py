@@ -21,11 +21,11 @@ import redis
 import sqlalchemy as sa
 from celery.signals import before_task_publish, task_retry
 
-from alerts import models as m
-from alerts.config import Settings
-from alerts.db import make_engine
-from alerts.ratelimit import TelegramLimiter
-from alerts.worker import state as worker
+from alerts.core import tables as m
+from alerts.core.settings import Settings
+from alerts.core.db import make_engine
+from alerts.sending.ratelimit import TelegramLimiter
+from alerts.celery.worker import state as worker
 from tests.factories import WINDOW_END, WINDOW_START, add_delivery, add_digest, add_event, add_pref, add_user
 from tests.fakes.fixtures import with_fakes
 
@@ -52,7 +52,7 @@ def celery_app(broker_url):
     # Before anything opens a broker connection: publish to the test Redis.
     module.app.conf.broker_url = broker_url
     module.app.conf.task_always_eager = False
-    module.app.loader.import_default_modules()  # registers alerts.tasks
+    module.app.loader.import_default_modules()  # registers alerts.celery.tasks
     return module.app
 
 
@@ -167,7 +167,7 @@ def test_the_visibility_timeout_is_set_everywhere_and_outlasts_every_countdown(c
     visibility = conf.visibility_timeout
     assert conf.broker_transport_options["visibility_timeout"] == visibility
     assert conf.result_backend_transport_options["visibility_timeout"] == visibility
-    from alerts.config import MAX_COUNTDOWN_SECONDS
+    from alerts.core.settings import MAX_COUNTDOWN_SECONDS
 
     for name in SPEC_TASKS:
         task = celery_app.tasks[name]
@@ -223,14 +223,14 @@ def test_each_beat_interval_comes_from_its_variable(variable, entry, task):
     ("2026-05-13T02:01:00+02:00", datetime(2026, 5, 13, 0, 1, tzinfo=timezone.utc)),
 ])
 def test_a_tasks_clock_starts_at_its_now_given_as_an_iso_instant_with_an_offset(text, expected):
-    from alerts.tasks import clock_for
+    from alerts.celery.tasks import clock_for
 
     assert clock_for(text).start == expected
 
 
 @pytest.mark.parametrize("text", ["2026-05-13T00:01:00", "tomorrow"])
 def test_a_now_without_an_offset_is_refused(text):
-    from alerts.tasks import clock_for
+    from alerts.celery.tasks import clock_for
 
     with pytest.raises(ValueError):
         clock_for(text)
@@ -585,7 +585,7 @@ def test_a_send_whose_database_connection_drops_right_after_the_provider_accepte
 
 
 def test_a_claim_is_given_back_when_the_message_cannot_be_rendered(app, conn, smtp_server, monkeypatch):
-    import alerts.outbox
+    import alerts.sending.outbox
 
     digest = add_digest(conn, add_user(conn))
     send = app.tasks["alerts.send_digest"]
@@ -594,7 +594,7 @@ def test_a_claim_is_given_back_when_the_message_cannot_be_rendered(app, conn, sm
         raise RuntimeError("template bug")
 
     with monkeypatch.context() as patched:
-        patched.setattr(alerts.outbox, "render_digest", broken)
+        patched.setattr(alerts.sending.outbox, "render_digest", broken)
         result = send.apply((digest,), {"now": iso(AFTER_WINDOW)})
     assert result.failed() and isinstance(result.result, RuntimeError)
     untouched = row(conn, m.user_alert_digests, digest)
@@ -630,7 +630,7 @@ def test_phase_c_commits_each_claim_before_its_send_and_each_outcome_before_the_
     window SPEC §2.7 allows), never a row whose outcome was known."""
     from alerts.channels.email import SmtpEmailChannel
     from alerts.channels.registry import ChannelSet
-    from alerts.db import Database
+    from alerts.core.db import Database
     from alerts.phases.send import run_phase_c
     from tests.clock import clock_at
 

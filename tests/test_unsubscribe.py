@@ -15,11 +15,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
-from alerts import unsubscribe as unsub
+from alerts.core import tables as m
+from alerts.core import tokens
+from alerts.subscribers import unsubscribe as unsub
 from alerts.cli import cli
-from alerts.config import ConfigError, Settings
-from alerts.pipeline import run_phases, session
+from alerts.core.settings import ConfigError, Settings
+from alerts.phases.pipeline import run_phases, session
 from tests.clock import clock_at
 from tests.factories import WINDOW_END, add_delivery, add_digest, add_event, add_pref, add_user
 from tests.fakes.fixtures import with_fakes
@@ -37,29 +38,29 @@ def public(settings: Settings) -> Settings:
 # --- tokens ---------------------------------------------------------------------------------
 
 def test_a_token_names_one_user_and_one_channel_and_reads_back():
-    token = unsub.make_token(KEY, 42, "email")
-    assert unsub.read_token(KEY, token) == (42, "email")
-    assert unsub.read_token(KEY, unsub.make_token(KEY, 42, "telegram")) == (42, "telegram")
+    token = tokens.make_token(KEY, 42, "email")
+    assert tokens.read_token(KEY, token) == (42, "email")
+    assert tokens.read_token(KEY, tokens.make_token(KEY, 42, "telegram")) == (42, "telegram")
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", token), "URL-safe: no escaping needed in a path"
 
 
 def test_a_token_holds_no_address():
-    token = unsub.make_token(KEY, 7, "email")
+    token = tokens.make_token(KEY, 7, "email")
     assert "@" not in token and "example" not in token
 
 
 @pytest.mark.parametrize("position", [0, 5, -1, -5])
 def test_a_token_with_one_character_flipped_is_refused(position):
-    token = unsub.make_token(KEY, 42, "email")
+    token = tokens.make_token(KEY, 42, "email")
     chars = list(token)
     chars[position] = "A" if chars[position] != "A" else "B"
-    with pytest.raises(unsub.BadToken):
-        unsub.read_token(KEY, "".join(chars))
+    with pytest.raises(tokens.BadToken):
+        tokens.read_token(KEY, "".join(chars))
 
 
 def test_a_token_signed_with_another_key_is_refused():
-    with pytest.raises(unsub.BadToken):
-        unsub.read_token(KEY, unsub.make_token(OTHER_KEY, 42, "email"))
+    with pytest.raises(tokens.BadToken):
+        tokens.read_token(KEY, tokens.make_token(OTHER_KEY, 42, "email"))
 
 
 def test_a_payload_signed_with_the_key_for_another_purpose_is_refused():
@@ -67,24 +68,24 @@ def test_a_payload_signed_with_the_key_for_another_purpose_is_refused():
 
     other_purpose = itsdangerous.URLSafeSerializer(KEY, salt="something-else",
                                                    signer_kwargs={"digest_method": hashlib.sha256}).dumps([42, "email"])
-    with pytest.raises(unsub.BadToken):
-        unsub.read_token(KEY, other_purpose)
+    with pytest.raises(tokens.BadToken):
+        tokens.read_token(KEY, other_purpose)
 
 
 @pytest.mark.parametrize("payload", [[42], ["42", "email"], [42, "pigeon"], {"user": 42}, [True, "email"]])
 def test_a_signed_payload_that_is_not_a_user_and_a_channel_is_refused(payload):
     import itsdangerous
 
-    token = itsdangerous.URLSafeSerializer(KEY, salt=unsub.SALT,
+    token = itsdangerous.URLSafeSerializer(KEY, salt=tokens.SALT,
                                            signer_kwargs={"digest_method": hashlib.sha256}).dumps(payload)
-    with pytest.raises(unsub.BadToken):
-        unsub.read_token(KEY, token)
+    with pytest.raises(tokens.BadToken):
+        tokens.read_token(KEY, token)
 
 
 @pytest.mark.parametrize("garbage", ["", ".", "abc", "a" * 500, "W10.", "%00", "../../etc/passwd"])
 def test_garbage_is_refused(garbage):
-    with pytest.raises(unsub.BadToken):
-        unsub.read_token(KEY, garbage)
+    with pytest.raises(tokens.BadToken):
+        tokens.read_token(KEY, garbage)
 
 
 @pytest.mark.parametrize("channel,address,shown", [
@@ -129,7 +130,7 @@ def test_the_command_line_exits_2_naming_the_variable(sqlite_url, env, named):
 
 def test_a_trailing_slash_on_the_public_url_makes_no_double_slash():
     settings = Settings.from_env({"ALERTS_PUBLIC_URL": PUBLIC_URL + "/", "ALERTS_SECRET_KEY": KEY})
-    assert unsub.unsubscribe_url(settings, 1, "email").startswith(PUBLIC_URL + "/unsubscribe/")
+    assert tokens.unsubscribe_url(settings, 1, "email").startswith(PUBLIC_URL + "/unsubscribe/")
 
 
 # --- headers and links, through a real send -------------------------------------------------
@@ -151,7 +152,7 @@ def _check_unsubscribe_parts(raw: bytes, stream: str, user_id: int) -> None:
     assert b"\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in raw
     assert mail["List-Unsubscribe"] == f"<{url}>"
     assert url.startswith(f"{PUBLIC_URL}/unsubscribe/")
-    assert unsub.read_token(KEY, url.rsplit("/", 1)[1]) == (user_id, "email")
+    assert tokens.read_token(KEY, url.rsplit("/", 1)[1]) == (user_id, "email")
     assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert mail["List-Id"].endswith(f"<{stream}.alerts.alerts.example.com>")
     text = mail.get_body(("plain",)).get_content()

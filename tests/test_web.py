@@ -13,11 +13,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from alerts import models as m
-from alerts import unsubscribe as unsub
+from alerts.core import tables as m
+from alerts.core import tokens
+from alerts.subscribers import unsubscribe as unsub
 from alerts.cli import cli
-from alerts.config import ConfigError, Settings
-from alerts.db import make_engine
+from alerts.core.settings import ConfigError, Settings
+from alerts.core.db import make_engine
 from alerts.web import MAX_BODY_BYTES, create_app
 from tests.factories import add_delivery, add_digest, add_event, add_pref, add_user
 
@@ -50,7 +51,7 @@ def user(engine, now):
 
 
 def token(user_id: int, channel: str = "email", key: str = KEY) -> str:
-    return unsub.make_token(key, user_id, channel)
+    return tokens.make_token(key, user_id, channel)
 
 
 def dump(engine) -> dict:

@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts import unsubscribe as unsub
-from alerts.db import make_engine
+from alerts.core import tables as m
+from alerts.core import tokens
+from alerts.subscribers import unsubscribe as unsub
+from alerts.core.db import make_engine
 from alerts.web import create_app
 from tests.e2e_runner import ROOT, RUN_TIMEOUT_SECONDS, runner_env
 from tests.factories import add_delivery, add_digest, add_event, add_pref, add_user
@@ -109,7 +110,7 @@ def test_a_row_is_sent_before_the_200_or_skipped_never_after(pg_url, smtp_server
                 waited_for_a_send += wait_until_in_flight(engine, user)
             else:
                 time.sleep(SEND_SECONDS * 2)
-            response = client.post(f"/unsubscribe/{unsub.make_token(KEY, user, 'email')}", data=ONE_CLICK)
+            response = client.post(f"/unsubscribe/{tokens.make_token(KEY, user, 'email')}", data=ONE_CLICK)
             answered[user] = time.time()
             assert response.status_code == 200
     finally:
@@ -130,6 +131,6 @@ def test_a_row_is_sent_before_the_200_or_skipped_never_after(pg_url, smtp_server
 
 
 def _settings(pg_url):
-    from alerts.config import Settings
+    from alerts.core.settings import Settings
 
     return Settings.from_env({"DATABASE_URL": pg_url, "ALERTS_SECRET_KEY": KEY})

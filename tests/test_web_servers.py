@@ -14,9 +14,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts import unsubscribe as unsub
-from alerts.db import make_engine
+from alerts.core import tables as m
+from alerts.core import tokens
+from alerts.subscribers import unsubscribe as unsub
+from alerts.core.db import make_engine
 from alerts.web import MAX_BODY_BYTES
 from tests.e2e_runner import ROOT, runner_env
 from tests.factories import add_delivery, add_event, add_pref, add_user
@@ -91,7 +92,7 @@ def test_gunicorn_serves_the_app_and_answers_the_one_click_post(pg_url, tmp_path
     user, delivery = seed(pg_url)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    token = unsub.make_token(KEY, user, "email")
+    token = tokens.make_token(KEY, user, "email")
     server = Server([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
                      "--access-logfile", "-", "--access-logformat", '%(m)s %(s)s', "alerts.web:app"],
                     runner_env(pg_url, ALERTS_SECRET_KEY=KEY), tmp_path / "gunicorn.log")
@@ -121,7 +122,7 @@ def test_a_person_unsubscribes_and_resubscribes_in_a_real_browser(pg_url, tmp_pa
     user, delivery = seed(pg_url)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    token = unsub.make_token(KEY, user, "email")
+    token = tokens.make_token(KEY, user, "email")
     server = Server([sys.executable, "-m", "alerts", "web", "--port", str(port)],
                     runner_env(pg_url, ALERTS_SECRET_KEY=KEY), tmp_path / "alerts-web.log")
     requested: list[str] = []

@@ -1,4 +1,4 @@
-"""Digest windows (alerts/windows.py): local days and hours as UTC bounds, DST included."""
+"""Digest windows (alerts/policy/windows.py): local days and hours as UTC bounds, DST included."""
 from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta, timezone
@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from alerts.config import Settings
-from alerts.db import make_engine
-from alerts.windows import (day_start, digest_key, digest_window, format_window_start, parse_time_of_day,
+from alerts.core.settings import Settings
+from alerts.core.db import make_engine
+from alerts.policy.windows import (day_start, digest_key, digest_window, format_window_start, parse_time_of_day,
                             resolve_period, resolve_send_time, resolve_timezone, windows_between)
 
 UTC = timezone.utc

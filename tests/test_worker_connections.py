@@ -1,4 +1,4 @@
-"""The database connections of a worker process (alerts/worker.py), against real
+"""The database connections of a worker process (alerts/celery/worker.py), against real
 PostgreSQL: each thread's transactions are its own, a broken or dropped connection never
 reaches the next transaction, a forked child (a prefork pool process) opens sessions of
 its own and leaves its parent's alone, and shutdown closes them all.
@@ -12,8 +12,8 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from alerts.config import Settings
-from alerts.worker import WorkerState
+from alerts.core.settings import Settings
+from alerts.celery.worker import WorkerState
 from tests.test_celery_worker import wait_until
 
 PROBE = sa.table("probe", sa.column("n", sa.Integer))

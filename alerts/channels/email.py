@@ -29,7 +29,7 @@ from pathlib import Path
 
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import describe, redact
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import EmailMessage
 
 MAX_FILENAME_STEM = 120

@@ -14,7 +14,7 @@ from alerts.channels.email import FileEmailChannel, SmtpEmailChannel
 from alerts.channels.recorder import Recorded, RecordingChannel
 from alerts.channels.sms import TwilioSmsChannel
 from alerts.channels.telegram import TelegramChannel
-from alerts.config import Settings
+from alerts.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

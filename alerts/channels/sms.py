@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import HttpClient, basic_auth_forms, describe, redact, retry_after_seconds
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import Message
 
 

@@ -21,7 +21,7 @@ import requests
 
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import HttpClient, describe, redact, retry_after_seconds
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages import Message
 
 # Descriptions that say the chat is gone for this bot (Bot API 403s, and 400 "chat not found").

@@ -11,13 +11,13 @@ import sys
 import click
 import sqlalchemy as sa
 
-from alerts.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
+from alerts.operations.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
 from alerts.cli.common import (Fatal, clock_option, instant, load_settings, open_engine, reaching_database,
                                setup_logging)
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
 from alerts.cli.web import web
-from alerts.db import Database, migrate as migrate_db
+from alerts.core.db import Database, migrate as migrate_db
 
 
 @click.group()
@@ -50,7 +50,7 @@ def ingest(source, as_json: bool) -> None:
     A malformed line is reported with its line number and skipped; the others are
     stored. A repeated event_key is a no-op.
     """
-    from alerts.producers import ingest_lines
+    from alerts.phases.ingest import ingest_lines
 
     settings = load_settings()
     engine = open_engine(settings)
@@ -72,7 +72,7 @@ def ingest(source, as_json: bool) -> None:
 @clock_option("Measure ages as if at this instant.")
 def status(as_json: bool, now_text: str | None) -> None:
     """Counts by table and status, age of the oldest pending row, the latest errors."""
-    from alerts.status import collect, render
+    from alerts.operations.status import collect, render
 
     settings = load_settings()
     engine = open_engine(settings)
@@ -91,7 +91,7 @@ def status(as_json: bool, now_text: str | None) -> None:
 @clock_option("Judge as if at this instant.")
 def check(max_age: int, as_json: bool, now_text: str | None) -> None:
     """For monitors: exit 0 and `ok`, or exit 1 and one line per kind of problem."""
-    from alerts.check import describe, find_problems
+    from alerts.operations.check import describe, find_problems
 
     settings = load_settings()
     engine = open_engine(settings)
@@ -121,8 +121,8 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
     as no longer open, so Phase D puts newer events in a follow-up digest instead.
     The blocks of the destinations re-queued are lifted: retrying means trying them again.
     """
-    from alerts import blocks
-    from alerts import models as m
+    from alerts.sending import blocks
+    from alerts.core import tables as m
 
     settings = load_settings()
     now = instant(now_text)
@@ -154,7 +154,7 @@ def retry(deliveries: bool, digests: bool, row_ids: tuple[int, ...], now_text: s
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the email as .txt/.html files here.")
 def preview(digest_id, user_id, day, channel, out_dir) -> None:
     """Render a digest's email and Telegram text without sending or changing anything."""
-    from alerts.preview import preview_digest
+    from alerts.operations.preview import preview_digest
 
     if digest_id is None and (user_id is None or day is None):
         raise click.UsageError("give --digest ID, or --user ID with --date YYYY-MM-DD")
@@ -173,7 +173,7 @@ def preview(digest_id, user_id, day, channel, out_dir) -> None:
 @click.option("--outbox", type=click.Path(file_okay=False), help="Where email files go (default ALERTS_OUTBOX_DIR).")
 def demo(outbox: str | None) -> None:
     """Run the whole pipeline on sample data; email goes to the file outbox."""
-    from alerts.demo import run_demo
+    from alerts.operations.demo import run_demo
 
     settings = load_settings()
     with reaching_database(settings):

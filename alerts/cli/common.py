@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import click
 import sqlalchemy as sa
 
-from alerts.clock import Clock, parse_instant
-from alerts.config import ConfigError, Settings, mask_url_password
-from alerts.db import NotMigrated, check_migrated, connection_problem, make_engine
+from alerts.core.clock import Clock, parse_instant
+from alerts.core.settings import ConfigError, Settings, mask_url_password
+from alerts.core.db import NotMigrated, check_migrated, connection_problem, make_engine
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 3

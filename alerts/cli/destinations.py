@@ -5,10 +5,10 @@ import json
 
 import click
 
-from alerts import blocks
-from alerts import models as m
+from alerts.sending import blocks
+from alerts.core import tables as m
 from alerts.cli.common import Fatal, load_settings, open_engine
-from alerts.status import printable
+from alerts.operations.status import printable
 
 
 @click.command()

@@ -14,7 +14,7 @@ import click
 
 from alerts.cli.common import (EXIT_UNEXPECTED, Fatal, clock_option, load_settings, make_clock, open_engine,
                                setup_logging, verbose_requested)
-from alerts.pipeline import expand, run_phases, session
+from alerts.phases.pipeline import expand, run_phases, session
 
 log = logging.getLogger("alerts.runner")
 

@@ -6,7 +6,7 @@ import click
 from werkzeug.serving import WSGIRequestHandler, run_simple
 
 from alerts.cli.common import Fatal, load_settings, open_engine
-from alerts.config import ConfigError
+from alerts.core.settings import ConfigError
 
 
 class _RedactingHandler(WSGIRequestHandler):

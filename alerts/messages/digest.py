@@ -6,13 +6,13 @@ from datetime import datetime, time, timedelta
 from typing import Mapping, Sequence
 from zoneinfo import ZoneInfo
 
-from alerts.config import Settings
-from alerts.messages import EmailMessage, Message, TextMessage
+from alerts.core.settings import Settings
+from alerts.messages.types import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_view, html_env,
                                     one_line, sort_items, text_env, zone)
 from alerts.messages.collapse import collapse
 from alerts.messages.telegram_fit import fit_telegram
-from alerts.unsubscribe import email_headers, unsubscribe_url
+from alerts.core.tokens import email_headers, unsubscribe_url
 
 EMAIL_MAX_ITEMS = 50
 # Per-item caps keep one huge event from crowding every other item out of a Telegram digest.

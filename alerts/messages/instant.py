@@ -4,12 +4,12 @@ from __future__ import annotations
 from datetime import timezone
 from typing import Mapping
 
-from alerts.config import Settings
-from alerts.messages import EmailMessage, Message, TextMessage
+from alerts.core.settings import Settings
+from alerts.messages.types import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, event_view, html_env, one_line,
                                     text_env)
 from alerts.messages.telegram_fit import TELEGRAM_LIMIT, telegram_length, truncate_utf16, utf16_len
-from alerts.unsubscribe import email_headers, unsubscribe_url
+from alerts.core.tokens import email_headers, unsubscribe_url
 
 SMS_MAX_CHARS = 320
 SUBJECT_TITLE_MAX = 200

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from alerts.messages.telegram_fit import truncate_utf16
 
 MESSAGE_ID_DOMAIN = "alerts.energyriskiq.com"

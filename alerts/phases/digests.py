@@ -6,7 +6,7 @@ temporary tables:
    (§10.1; daily only) and the event time in epoch seconds — the one pass over the big
    tables;
 2. *windows*: the windows of every (zone, period, send time, UTC hour) that has pending
-   deliveries, computed in Python by ``alerts.windows`` (the one place that knows about
+   deliveries, computed in Python by ``alerts.policy.windows`` (the one place that knows about
    DST); a delivery finds its window by (zone, period, send time, hour) equality plus the
    exact bounds;
 3. *groups*: the distinct (user, channel, period, window) of the pending deliveries, each
@@ -30,12 +30,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels.registry import ChannelSet
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database, is_postgres
-from alerts.windows import format_window_start, resolve_send_time, resolve_timezone, windows_between
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database, is_postgres
+from alerts.policy.windows import format_window_start, resolve_send_time, resolve_timezone, windows_between
 
 BUCKET_SECONDS = 3600  # windows of any zone start and end inside the UTC hours they overlap
 HOURLY_SEND_TIME = "00:00"  # hourly windows have no send time; one value keeps them one set

@@ -17,7 +17,7 @@ Delivery policy (SPEC §10), folded into statement 2 so it stays one statement:
 - *quiet hours*: an instant delivery below ``ALERTS_QUIET_HOURS_BYPASS_SEVERITY`` for a
   user inside their quiet period is created with ``next_retry_at`` = the period's end.
   The end depends only on (zone, quiet_hours, now), so it is computed in Python
-  (``alerts.quiet_hours``, the one place that knows DST) for the few distinct pairs the
+  (``alerts.policy.quiet_hours``, the one place that knows DST) for the few distinct pairs the
   users have and joined in from a temporary table — the same on both databases.
 
 Re-running is safe: the UNIQUE (user_id, alert_event_id, channel) constraint plus
@@ -32,13 +32,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels.registry import ChannelSet
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database, is_postgres
-from alerts.quiet_hours import release_at
-from alerts.windows import resolve_timezone
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database, is_postgres
+from alerts.policy.quiet_hours import release_at
+from alerts.policy.windows import resolve_timezone
 
 log = logging.getLogger(__name__)
 

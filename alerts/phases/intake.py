@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels.registry import ChannelSet
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database, is_postgres
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database, is_postgres
 
 BATCH_SIZE = 1000
 MIN_SEVERITY, MAX_SEVERITY = 1, 5

@@ -21,7 +21,7 @@ block in the transaction of the row's ``failed`` outcome (``blocks.record``; the
 destination is skipped too. A Telegram group that became a supergroup gets its new chat
 id stored and the message sent there at once, within the same attempt.
 
-The clock is the run's (``alerts.clock``): claims, ``sent_at``, backoff and the
+The clock is the run's (``alerts.core.clock``): claims, ``sent_at``, backoff and the
 half-lease budget are read from it at the moment they happen.
 """
 from __future__ import annotations
@@ -33,16 +33,16 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from alerts import blocks
-from alerts import models as m
-from alerts import outbox as ob
-from alerts import retry
+from alerts.sending import blocks
+from alerts.core import tables as m
+from alerts.sending import outbox as ob
+from alerts.sending import retry
 from alerts.channels import DeliveryError
 from alerts.channels.registry import ChannelSet
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database, retrying
-from alerts.outbox import Job, Outbox
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database, retrying
+from alerts.sending.outbox import Job, Outbox
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ import sqlalchemy as sa
 from flask import Flask, abort, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from alerts import unsubscribe as unsub
-from alerts.config import MIN_SECRET_KEY_CHARS, ConfigError, Settings
-from alerts.db import make_engine
+from alerts.core import tokens
+from alerts.subscribers import unsubscribe as unsub
+from alerts.core.settings import MIN_SECRET_KEY_CHARS, ConfigError, Settings
+from alerts.core.db import make_engine
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
 
     def subscriber(token: str) -> unsub.Subscriber:
         try:
-            user_id, channel = unsub.read_token(secret_key, token)
-        except unsub.BadToken:
+            user_id, channel = tokens.read_token(secret_key, token)
+        except tokens.BadToken:
             abort(400, INVALID_LINK)
         with engine.connect() as conn:
             found = unsub.find(conn, user_id, channel)

@@ -1,7 +1,7 @@
 """enqueue marks: enqueued_at on user_alert_deliveries and user_alert_digests
 
 The Celery dispatch marks a due row when it publishes the row's send task, so a backlog
-is enqueued once rather than on every beat tick (alerts/dispatch.py).
+is enqueued once rather than on every beat tick (alerts/sending/dispatch.py).
 
 Revision ID: 0003_enqueue_marks
 Revises: 0002_digests

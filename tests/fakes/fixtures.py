@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from alerts.config import Settings
+from alerts.core.settings import Settings
 from tests.fakes.provider_api import ProviderApi
 from tests.fakes.smtp_server import FakeSmtpServer
 

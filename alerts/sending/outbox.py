@@ -7,7 +7,7 @@ touch a row's send state through these and nothing else:
                                 FOR UPDATE SKIP LOCKED, so only one process wins a row
     load(conn, claimed, …)      what the sends need: the recipient and the rendered message,
                                 or the reason the row is skipped without a send (among them
-                                a block on the destination, joined in: alerts/blocks.py)
+                                a block on the destination, joined in: alerts/sending/blocks.py)
     record(conn, job, outcome)  the outcome, fenced on the claim (status 'sending' and the
                                 attempt it counted): a sender whose lease ran out cannot
                                 overwrite the claim of the sender that took over
@@ -34,12 +34,12 @@ from typing import Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from alerts import blocks
-from alerts import models as m
-from alerts import retry
+from alerts.sending import blocks
+from alerts.core import tables as m
+from alerts.sending import retry
 from alerts.channels.registry import ChannelSet
-from alerts.config import Settings
-from alerts.db import is_postgres
+from alerts.core.settings import Settings
+from alerts.core.db import is_postgres
 from alerts.messages import Message, render_digest, render_instant
 
 log = logging.getLogger(__name__)

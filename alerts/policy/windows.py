@@ -17,7 +17,8 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Callable, Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from alerts.models import DAILY, HOURLY
+from alerts.core.tables import DAILY, HOURLY
+from alerts.core.timeofday import parse_time_of_day  # noqa: F401 (re-exported for callers of the policy)
 
 UTC = timezone.utc
 SECOND = timedelta(seconds=1)
@@ -69,14 +70,6 @@ def windows_between(start_utc: datetime, end_utc: datetime, period: str, tz: Zon
     while window[0] < end_utc:
         yield window
         window = digest_window(window[1], period, tz, send_time)
-
-
-def parse_time_of_day(text: str) -> time:
-    """``HH:MM`` (00:00 … 23:59) as a time of day; ValueError otherwise."""
-    digits = text[:2] + text[3:]
-    if len(text) != 5 or text[2] != ":" or not (digits.isascii() and digits.isdigit()):
-        raise ValueError(f"not a time of day as HH:MM: {text!r}")
-    return time(int(text[:2]), int(text[3:]))
 
 
 def resolve_send_time(user_send_time: str | None, settings) -> time:

@@ -14,7 +14,7 @@ import math
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from alerts.windows import parse_time_of_day
+from alerts.core.timeofday import parse_time_of_day
 
 UTC = timezone.utc
 

@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from alerts import models as m
-from alerts.config import Settings
-from alerts.db import Database, is_postgres
-from alerts.outbox import Outbox
+from alerts.core import tables as m
+from alerts.core.settings import Settings
+from alerts.core.db import Database, is_postgres
+from alerts.sending.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def publish_due(app, db: Database, outbox: Outbox, task_name: str, now: datetime
     one (and matches ``where``), over one producer connection, each chunk after its
     marks are committed. ``pass_on`` is handed to the send tasks as their ``now``.
     ``first_chunk_queue``: the tasks of the first chunk (``FIRST_CHUNK`` rows) go to this
-    queue instead of the task's own (the event-driven path, alerts/instant_path.py)."""
+    queue instead of the task's own (the event-driven path, alerts/celery/instant_path.py)."""
     send_task = app.tasks[task_name]  # of this app, whatever thread we are in
     extra = {"now": pass_on} if pass_on else {}
     queues = iter([{"queue": first_chunk_queue}] if first_chunk_queue else [])

@@ -1,11 +1,5 @@
-"""One-click unsubscribe (SPEC §11.1, §11.2): the signed token an email's links carry,
-the email headers that carry it, and the one transaction that unsubscribes.
-
-A token names one user and one channel, nothing else (no address): itsdangerous signs
-``[user_id, channel]`` with ``ALERTS_SECRET_KEY`` under a salt naming the purpose, so a
-token made for anything else with the same key does not verify here. It has no expiry:
-a link in a years-old email still works (the SPEC asks for at least 90 days). The
-library compares signatures in constant time.
+"""One-click unsubscribe (SPEC §11.2): the one transaction that unsubscribes, resubscribing,
+and the wait for sends in flight. The token an email's link carries is alerts/core/tokens.py.
 
 "Never sent after the 200" holds by three things together:
 
@@ -23,68 +17,23 @@ library compares signatures in constant time.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import urlsplit
 
-import itsdangerous
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from alerts import models as m
-from alerts.config import Settings
+from alerts.core import tables as m
+from alerts.sending.outbox import skip_queued
 
 log = logging.getLogger(__name__)
 
-SALT = "alerts.unsubscribe.v1"
 # How long the POST waits for sends already in flight (a claimed row's SMTP or HTTP
 # call) before answering: longer than one send takes with the default timeouts.
 IN_FLIGHT_WAIT_SECONDS = 45.0
 IN_FLIGHT_POLL_SECONDS = 0.05
-
-
-class BadToken(ValueError):
-    """Malformed, altered, forged, or signed with another key."""
-
-
-def _serializer(secret_key: str) -> itsdangerous.URLSafeSerializer:
-    return itsdangerous.URLSafeSerializer(secret_key, salt=SALT, signer_kwargs={"digest_method": hashlib.sha256})
-
-
-def make_token(secret_key: str, user_id: int, channel: str) -> str:
-    return _serializer(secret_key).dumps([user_id, channel])
-
-
-def read_token(secret_key: str, token: str) -> tuple[int, str]:
-    """(user id, channel) of a token we signed; BadToken for anything else."""
-    try:
-        payload = _serializer(secret_key).loads(token)
-    except itsdangerous.BadData:
-        raise BadToken("not a valid unsubscribe token") from None
-    if (not isinstance(payload, list) or len(payload) != 2 or type(payload[0]) is not int
-            or payload[1] not in m.CHANNELS):
-        raise BadToken("not a valid unsubscribe token")  # signed by us, but not a token of this kind
-    return payload[0], payload[1]
-
-
-def unsubscribe_url(settings: Settings, user_id: int, channel: str) -> str | None:
-    """The one-click URL, or None when ALERTS_PUBLIC_URL is not set."""
-    if not settings.public_url or not settings.secret_key:
-        return None
-    return f"{settings.public_url}/unsubscribe/{make_token(settings.secret_key, user_id, channel)}"
-
-
-def email_headers(settings: Settings, stream: str, url: str | None) -> dict[str, str]:
-    """RFC 8058 one-click and RFC 2919 List-Id headers; ``stream`` is instant or digest."""
-    if url is None:
-        return {}
-    host = urlsplit(settings.public_url).hostname
-    return {"List-Id": f'"EnergyRiskIQ {stream} alerts" <{stream}.alerts.{host}>',
-            "List-Unsubscribe": f"<{url}>",
-            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
 def mask_address(channel: str, address: str | None) -> str | None:
@@ -127,9 +76,6 @@ def unsubscribe(conn: Connection, user_id: int, channel: str) -> dict[str, int]:
 
 
 def _skip_queued(conn: Connection, user_id: int, channel: str) -> dict[str, int]:
-    # Imported here: the outbox renders messages, and the message modules import this one.
-    from alerts.outbox import skip_queued
-
     return skip_queued(conn, user_id, channel, m.UNSUBSCRIBED)
 
 

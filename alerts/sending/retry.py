@@ -5,9 +5,9 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels import DeliveryError
-from alerts.config import Settings
+from alerts.core.settings import Settings
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -20,13 +20,14 @@ import redis.exceptions
 import sqlalchemy as sa
 from celery import Task, shared_task
 
-from alerts import dispatch, instant_path
-from alerts.clock import Clock, parse_instant
-from alerts.config import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS
-from alerts.outbox import DIGESTS, INSTANT, Outbox
+from alerts.sending import dispatch
+from alerts.celery import instant_path
+from alerts.core.clock import Clock, parse_instant
+from alerts.core.settings import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS
+from alerts.sending.outbox import DIGESTS, INSTANT, Outbox
 from alerts.phases.send import recover_stale as recover_rows, send_one
-from alerts.pipeline import ALL, run_phases
-from alerts.worker import state
+from alerts.phases.pipeline import ALL, run_phases
+from alerts.celery.worker import state
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def recover_stale(self, now: str | None = None) -> dict:
 @shared_task(name="alerts.ingest_event", base=AlertsTask, bind=True)
 def ingest_event(self, event: dict, now: str | None = None) -> dict:
     """Store one event (a repeated event_key is a no-op), then judge it, fan it out and
-    publish its due instant sends at once (alerts/instant_path.py)."""
+    publish its due instant sends at once (alerts/celery/instant_path.py)."""
     clock = clock_for(now)
     result = instant_path.store_and_fan_out(state.db(), event, clock, state.settings)
     if result["status"] == "ready" and self.request.retries < instant_path.PENDING_RETRIES:
@@ -152,7 +153,7 @@ def _send(task: Task, outbox: Outbox, row_id: int, now: str | None, slot: str | 
 
     ``slot`` is set only by the task itself when it re-schedules: "chat" when it booked
     its chat's next free second, "both" when it booked its global slot as well and may
-    send on waking without asking again (see alerts/ratelimit.py).
+    send on waking without asking again (see alerts/sending/ratelimit.py).
     """
     clock, db, channels = clock_for(now), state.db(), state.channels()
     limiter = state.limiter() if channels.get("telegram") is not None else None

@@ -9,10 +9,10 @@ from typing import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from alerts import models as m
-from alerts.config import Settings
+from alerts.core import tables as m
+from alerts.core.settings import Settings
 from alerts.messages import EmailMessage, render_digest
-from alerts.windows import MIDNIGHT, day_start, digest_key, resolve_period, resolve_send_time, resolve_timezone
+from alerts.policy.windows import MIDNIGHT, day_start, digest_key, resolve_period, resolve_send_time, resolve_timezone
 
 # collapse_key too: the digest renderer collapses the items of one story (§10.3).
 EVENT_COLUMNS = ("id", "event_key", "alert_type", "region", "severity", "title", "summary", "url", "created_at",

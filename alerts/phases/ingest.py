@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from alerts import models as m
-from alerts.db import Database
+from alerts.core import tables as m
+from alerts.core.db import Database
 
 BATCH_SIZE = 1000  # lines per transaction: a huge file streams, a crash keeps what was committed
 # SPEC sets no size; an event is a title (≤ 500 chars), a summary (≤ 2000), a url and a

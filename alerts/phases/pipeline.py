@@ -9,9 +9,9 @@ from typing import Iterator
 from sqlalchemy.engine import Engine
 
 from alerts.channels.registry import ChannelSet, build_channels, recording_channels
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database
 from alerts.phases.digests import run_phase_d
 from alerts.phases.fanout import run_phase_b
 from alerts.phases.intake import run_phase_a
@@ -34,7 +34,7 @@ def run_phases(db: Database, phases: tuple[str, ...], clock: Clock, settings: Se
     """Run the named phases in order; a phase whose lock is taken reports {"locked": true},
     one not started because the clock's time limit had passed {"not_started": true}.
     The clock runs on through the run: a phase that starts a minute after the run did
-    sees a minute later (see alerts.clock)."""
+    sees a minute later (see alerts.core.clock)."""
     results = {}
     for name in phases:
         if clock.out_of_time():  # --max-seconds: later phases are not started

@@ -23,9 +23,9 @@ import redis
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from alerts.channels.registry import ChannelSet, build_channels
-from alerts.config import Settings
-from alerts.db import Database, check_migrated, make_engine
-from alerts.ratelimit import TelegramLimiter
+from alerts.core.settings import Settings
+from alerts.core.db import Database, check_migrated, make_engine
+from alerts.sending.ratelimit import TelegramLimiter
 
 log = logging.getLogger(__name__)
 

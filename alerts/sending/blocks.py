@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from alerts import models as m
-from alerts.db import is_postgres
+from alerts.core import tables as m
+from alerts.core.db import is_postgres
 
 b = m.user_channel_blocks
 

@@ -11,12 +11,12 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from alerts import models as m
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database, make_engine, migrate
-from alerts.producers import ingest_lines
-from alerts.pipeline import ALL, run_phases, session
+from alerts.core import tables as m
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database, make_engine, migrate
+from alerts.phases.ingest import ingest_lines
+from alerts.phases.pipeline import ALL, run_phases, session
 
 # (email, telegram chat, phone, timezone, prefs as (alert_type, region, min_severity, channel, kind))
 DEMO_USERS = [

@@ -12,7 +12,7 @@ Safe next to beat, cron or a second delivery of the same task, without the phase
 - fan-out takes only this event, ``SKIP LOCKED``; when a concurrent Phase B has it, the
   event is still ``ready`` here — that phase's deliveries appear when it commits, so
   the task tries again shortly (``PENDING_RETRY_SECONDS``) to publish them;
-- publishing marks rows before it publishes (alerts/dispatch.py): a row beat's
+- publishing marks rows before it publishes (alerts/sending/dispatch.py): a row beat's
   dispatch marked is not published again, and a send task run twice sends once (only
   one claim wins).
 
@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from alerts import models as m
+from alerts.core import tables as m
 from alerts.channels.registry import ChannelSet
-from alerts.clock import Clock
-from alerts.config import Settings
-from alerts.db import Database
+from alerts.core.clock import Clock
+from alerts.core.settings import Settings
+from alerts.core.db import Database
 from alerts.phases.fanout import run_phase_b
 from alerts.phases.intake import intake_event
-from alerts.producers import event_row, ingest_event as store_event
+from alerts.phases.ingest import event_row, ingest_event as store_event
 
 PENDING_RETRY_SECONDS = 1  # a concurrent Phase B holds the event: look again this soon
 PENDING_RETRIES = 30  # then leave it to beat's dispatch

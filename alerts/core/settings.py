@@ -12,8 +12,8 @@ from typing import Mapping
 from urllib.parse import urlparse, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from alerts.models import DIGEST_PERIODS
-from alerts.windows import parse_time_of_day
+from alerts.core.tables import DIGEST_PERIODS
+from alerts.core.timeofday import parse_time_of_day
 
 EMAIL_BACKENDS = ("smtp", "file")
 SMTP_TLS_MODES = ("none", "starttls", "ssl")
@@ -22,7 +22,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 # read as ``postgresql://``, the rest of the URL (query options included) unchanged.
 DATABASE_KINDS = ("postgresql", "sqlite")
 DATABASE_SCHEME_ALIASES = {"postgres": "postgresql"}
-# The driver is psycopg 3 (alerts/db.py). ``postgresql+psycopg2://``, the form an earlier
+# The driver is psycopg 3 (alerts/core/db.py). ``postgresql+psycopg2://``, the form an earlier
 # release documented, is read as ``postgresql://``: psycopg2 is no longer installed.
 DATABASE_DRIVER_ALIASES = {"postgresql+psycopg2": "postgresql"}
 

@@ -6,8 +6,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from alerts import blocks
-from alerts import models as m
+from alerts.sending import blocks
+from alerts.core import tables as m
 
 RECENT_ERRORS = 10
 

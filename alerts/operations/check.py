@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from alerts import models as m
+from alerts.core import tables as m
 
 DEFAULT_MAX_AGE_SECONDS = 900
 MAX_AGE_LIMIT_SECONDS = 10 * 366 * 86400  # ten years: further back than any row, and a valid date

@@ -25,7 +25,7 @@ BATCHED_INTO_DIGEST = "batched_into_digest"
 SMS_DIGEST_NOT_SUPPORTED = "sms_digest_not_supported"
 USER_INACTIVE = "user is inactive"
 DIGEST_WITHOUT_ITEMS = "digest has no items"
-# SPEC §11.2: skipped because the user unsubscribed from the channel (alerts/unsubscribe.py).
+# SPEC §11.2: skipped because the user unsubscribed from the channel (alerts/subscribers/unsubscribe.py).
 UNSUBSCRIBED = "unsubscribed"
 
 
@@ -155,7 +155,7 @@ def _send_state_columns() -> list[sa.Column]:
         # When the current claim was taken; a `sending` row older than the lease is abandoned.
         sa.Column("claimed_at", UTCDateTime),
         sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
-        # When a Celery send task was last published for the row (migration 0003, alerts/dispatch.py).
+        # When a Celery send task was last published for the row (migration 0003, alerts/sending/dispatch.py).
         sa.Column("enqueued_at", UTCDateTime),
     ]
 

@@ -1,0 +1,61 @@
+"""Signed tokens and the links that carry them (SPEC §11.1): what an email's unsubscribe
+link names. Kept below messages and subscribers, which both need them.
+
+A token names one user and one channel, nothing else (no address): itsdangerous signs
+``[user_id, channel]`` with ``ALERTS_SECRET_KEY`` under a salt naming the purpose, so a
+token made for anything else with the same key does not verify here. It has no expiry:
+a link in a years-old email still works (at least 90 days are promised). The library
+compares signatures in constant time.
+"""
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import urlsplit
+
+import itsdangerous
+
+from alerts.core import tables as m
+from alerts.core.settings import Settings
+
+SALT = "alerts.unsubscribe.v1"
+
+
+class BadToken(ValueError):
+    """Malformed, altered, forged, or signed with another key."""
+
+
+def _serializer(secret_key: str) -> itsdangerous.URLSafeSerializer:
+    return itsdangerous.URLSafeSerializer(secret_key, salt=SALT, signer_kwargs={"digest_method": hashlib.sha256})
+
+
+def make_token(secret_key: str, user_id: int, channel: str) -> str:
+    return _serializer(secret_key).dumps([user_id, channel])
+
+
+def read_token(secret_key: str, token: str) -> tuple[int, str]:
+    """(user id, channel) of a token we signed; BadToken for anything else."""
+    try:
+        payload = _serializer(secret_key).loads(token)
+    except itsdangerous.BadData:
+        raise BadToken("not a valid unsubscribe token") from None
+    if (not isinstance(payload, list) or len(payload) != 2 or type(payload[0]) is not int
+            or payload[1] not in m.CHANNELS):
+        raise BadToken("not a valid unsubscribe token")  # signed by us, but not a token of this kind
+    return payload[0], payload[1]
+
+
+def unsubscribe_url(settings: Settings, user_id: int, channel: str) -> str | None:
+    """The one-click URL, or None when ALERTS_PUBLIC_URL is not set."""
+    if not settings.public_url or not settings.secret_key:
+        return None
+    return f"{settings.public_url}/unsubscribe/{make_token(settings.secret_key, user_id, channel)}"
+
+
+def email_headers(settings: Settings, stream: str, url: str | None) -> dict[str, str]:
+    """RFC 8058 one-click and RFC 2919 List-Id headers; ``stream`` is instant or digest."""
+    if url is None:
+        return {}
+    host = urlsplit(settings.public_url).hostname
+    return {"List-Id": f'"EnergyRiskIQ {stream} alerts" <{stream}.alerts.{host}>',
+            "List-Unsubscribe": f"<{url}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}

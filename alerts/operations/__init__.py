@@ -1,0 +1,1 @@
+"""Operator tools over the tables: status, check, preview, the demo."""

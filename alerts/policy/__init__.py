@@ -1,0 +1,1 @@
+"""Delivery policy as pure functions: digest windows (DST-safe) and quiet hours."""

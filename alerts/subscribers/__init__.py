@@ -1,0 +1,1 @@
+"""What subscribers act on: unsubscribe (and, later, preferences and the Telegram bot)."""
