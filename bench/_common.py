@@ -29,7 +29,7 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 # --- the SMTP server, in its own process -----------------------------------------------------
 
 def _serve_smtp(pipe, data_delay: float) -> None:
-    from tests.fakes.smtp_server import FakeSmtpServer
+    from tests.support.fakes.smtp_server import FakeSmtpServer
 
     with FakeSmtpServer() as server:
         server.data_delay = data_delay

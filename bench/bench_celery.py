@@ -2,7 +2,7 @@
 
     python bench/bench_celery.py [--digests 10000] [--workers 2] [--pool threads|solo|prefork] [--concurrency 4]
 
-In one run, against one aiosmtpd server (tests/fakes/smtp_server.py via bench/_common.py,
+In one run, against one aiosmtpd server (tests/support/fakes/smtp_server.py via bench/_common.py,
 in a process of its own so it never shares the GIL with a sender):
 1. reference: one smtplib connection sending the same rendered digest (the exact bytes a
    worker sends for it) N times — before the Celery run and again after it, the ratio

@@ -2,7 +2,7 @@
 
     python bench/bench_send.py [--deliveries 5000] [--rounds 3] [--profile FILE]
 
-In one run, against one aiosmtpd server (tests/fakes/smtp_server.py, in a process of its
+In one run, against one aiosmtpd server (tests/support/fakes/smtp_server.py, in a process of its
 own so it never shares the GIL with a sender):
 1. reference: one smtplib connection sending the first delivery's rendered message
    (the exact bytes Phase C sends for it) N times;

@@ -89,7 +89,6 @@ def time_loads(engine, rounds: int) -> dict:
 
 def time_posts(url: str, posts: int, queued: int) -> dict:
     from alerts.core import tokens
-    from alerts.subscribers import unsubscribe as unsub
     from alerts.core.settings import Settings
     from alerts.core.db import make_engine
     from alerts.web import create_app

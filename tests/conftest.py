@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alerts.core.settings import Settings
 from alerts.core.db import Database, make_engine, migrate
 
-pytest_plugins = ["tests.fakes.fixtures"]
+pytest_plugins = ["tests.support.fakes.fixtures"]
 
 PG_ADMIN_URL = os.environ.get("ALERTS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
