@@ -11,6 +11,7 @@ import sys
 import click
 import sqlalchemy as sa
 
+import alerts
 from alerts.operations.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
 from alerts.cli.common import (Fatal, clock_option, instant, load_settings, open_engine, reaching_database,
                                setup_logging)
@@ -21,6 +22,7 @@ from alerts.core.db import Database, migrate as migrate_db
 
 
 @click.group()
+@click.version_option(alerts.__version__, prog_name="alerts")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def cli(verbose: bool) -> None:
     """EnergyRiskIQ Alerts: energy-risk events to instant and digest messages."""

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"  # shipped inside the package
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # How long ``retrying`` waits for the database to come back: 7.6 s in all, far below any
 # sensible lease.

@@ -1,6 +1,6 @@
 """Table definitions (SQLAlchemy Core) and the one home of the names stored in them:
 statuses, channels, periods and the reasons the pipeline itself writes to ``last_error``.
-The migrations in ``migrations/`` create the tables; these objects are what the phases
+The migrations in ``alerts/core/migrations/`` create the tables; these objects are what the phases
 query with."""
 from __future__ import annotations
 
@@ -117,6 +117,8 @@ user_alert_prefs = sa.Table(
     sa.Column("delivery_kind", sa.Text, nullable=False, server_default="instant"),
     sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    # Set when an unsubscribe turned this preference off: resubscribing turns on these only.
+    sa.Column("unsubscribed_at", UTCDateTime, nullable=True),
     sa.UniqueConstraint("user_id", "alert_type", "region", "channel", name="uq_prefs_user_type_region_channel"),
     sa.CheckConstraint("min_severity BETWEEN 1 AND 5", name="ck_prefs_min_severity"),
     sa.CheckConstraint(_in("channel", CHANNELS), name="ck_prefs_channel"),
@@ -251,4 +253,25 @@ user_channel_blocks = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
     sa.PrimaryKeyConstraint("user_id", "channel", name="pk_user_channel_blocks"),
     sa.CheckConstraint(_in("channel", CHANNELS), name="ck_blocks_channel"),
+)
+
+
+# --- installation, Telegram updates (migration 0007) ----------------------------------------
+
+# One row, made at the first `alerts migrate`: the identifier every Message-ID carries.
+installation = sa.Table(
+    "installation",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("installation_id", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("id = 1", name="ck_installation_one_row"),
+)
+
+# The Bot API updates the webhook has handled: each is handled once.
+telegram_updates = sa.Table(
+    "telegram_updates",
+    metadata,
+    sa.Column("update_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("handled_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
 )
