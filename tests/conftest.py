@@ -88,7 +88,7 @@ def _truncate_pg(url: str) -> None:
     engine = make_engine(url)
     with engine.begin() as conn:
         tables = conn.exec_driver_sql(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT IN ('alembic_version', 'installation')"
         ).scalars().all()
         if tables:
             conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
