@@ -50,7 +50,7 @@ def ingest(source, as_json: bool) -> None:
     """Store events from a JSON Lines FILE ('-' = stdin), one event per line.
 
     A malformed line is reported with its line number and skipped; the others are
-    stored. A repeated event_key is a no-op.
+    stored. A repeated event_key is a no-op. Exits 1 when any line was malformed.
     """
     from alerts.phases.ingest import ingest_lines
 
@@ -67,6 +67,8 @@ def ingest(source, as_json: bool) -> None:
                                "errors": [{"line": n, "reason": r} for n, r in report.errors]}))
     else:
         click.echo(f"stored {report.stored}, duplicates {report.duplicates}, malformed {len(report.errors)}")
+    if report.errors:
+        sys.exit(1)  # the good lines are stored; a cron job or CI step must still see the bad ones
 
 
 @cli.command()

@@ -130,11 +130,24 @@ def parse_line(line: str | bytes | OversizedLine, *, first: bool = False) -> dic
                          parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise MalformedEvent(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except MalformedEvent:
+        raise  # from the hooks: a repeated key, NaN, 1e999
+    except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+        raise MalformedEvent(f"invalid JSON: {str(exc).split(':')[0]}") from None
+    except RecursionError:
+        raise MalformedEvent("invalid JSON: nested too deeply") from None
     return event_row(obj)
 
 
 def event_row(obj) -> dict:
     """Check a decoded event's keys and types; returns the row to insert."""
+    try:
+        return _event_row(obj)
+    except RecursionError:  # a payload nested thousands deep, handed over already decoded
+        raise MalformedEvent("payload: nested too deeply") from None
+
+
+def _event_row(obj) -> dict:
     if not isinstance(obj, dict):
         raise MalformedEvent(f"not a JSON object (got {_json_type(obj)})")
     unknown = sorted(obj.keys() - COLUMNS)

@@ -7,10 +7,17 @@ in two SQL dialects, so the phase reads new events in batches (only the columns 
 rules need, so memory stays flat on any backlog), judges them in Python, bulk-inserts
 the verdicts into a temporary table and finally applies them all with two set-based
 UPDATEs — never one round trip per row.
+
+``created_at`` is the one field judged in SQL: a plain INSERT can store a time the
+driver cannot even read back (PostgreSQL's ``infinity``, a year past 9999), so the batch
+reads whether it lies in the accepted range, and its text, never the value itself — one
+such row cannot break the batch. Only accepted events' times reach the window math.
 """
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
+from typing import Mapping
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -28,11 +35,18 @@ MAX_TITLE_CHARS = 500
 MAX_SUMMARY_CHARS = 2000
 MAX_URL_CHARS = 2048
 ALERT_TYPE_RE = re.compile(r"[a-z0-9_.-]+")
+MAX_ALERT_TYPE_CHARS = 64
+MAX_REGION_CHARS = 64
+# created_at from 2000-01-01 up to (not including) 2100-01-01 UTC: every window, key and
+# date the pipeline computes from it stays far from the ends of what datetime can hold.
+CREATED_AT_FROM = datetime(2000, 1, 1, tzinfo=timezone.utc)
+CREATED_AT_UNTIL = datetime(2100, 1, 1, tzinfo=timezone.utc)
 URL_SCHEMES = ("http", "https")
 SHOWN_VALUE_CHARS = 40  # how much of a bad value a reject reason quotes
 # Control characters (Cc) other than the whitespace ones a text may legitimately hold.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x84\x86-\x9f]")
 _LINE_BREAK = re.compile(r"\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_CC = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # exactly Unicode category Cc, line breaks and tabs included
 
 _scratch = sa.MetaData()
 # One row per judged event: a reason if rejected, else the normalised fields.
@@ -72,17 +86,21 @@ def validate_event(row) -> str | None:
     """Why an event must be rejected ("field: problem; …"), or None when it is good.
 
     ``row`` is any mapping with title, severity, alert_type, url and (optionally)
-    summary. Surrounding whitespace is forgiven (``normalise`` strips it); everything
-    else is judged as given — an upper-case alert_type is rejected, not lower-cased,
-    so a producer's typo is visible instead of silently matching other preferences.
+    summary, region, collapse_key and the time: ``created_at`` as a datetime, or — as
+    the phase reads it — ``created_at_in_range`` (judged in SQL) and ``created_at_text``.
+    Surrounding whitespace is forgiven (``normalise`` strips it); everything else is
+    judged as given — an upper-case alert_type is rejected, not lower-cased, so a
+    producer's typo is visible instead of silently matching other preferences.
     """
     problems = [
         _check_title(row.get("title")),
         _check_severity(row.get("severity")),
         _check_alert_type(row.get("alert_type")),
+        _check_region(row.get("region")),
         _check_url(row.get("url")),
         _check_summary(row.get("summary")),
         _check_collapse_key(row.get("collapse_key")),
+        _check_created_at(row),
     ]
     problems = [p for p in problems if p]
     return "; ".join(problems) or None
@@ -135,9 +153,39 @@ def _check_severity(severity) -> str | None:
 def _check_alert_type(alert_type) -> str | None:
     if not isinstance(alert_type, str) or not alert_type.strip():
         return "alert_type: empty"
+    if len(alert_type.strip()) > MAX_ALERT_TYPE_CHARS:
+        return f"alert_type: longer than {MAX_ALERT_TYPE_CHARS} characters"
     if not ALERT_TYPE_RE.fullmatch(alert_type.strip()):
         return f"alert_type: must match [a-z0-9_.-]+ (got {_shown(alert_type.strip())})"
     return None
+
+
+def _check_region(region) -> str | None:
+    """Optional; matched for equality against preferences, shown in every message."""
+    if region is None:
+        return None
+    if not isinstance(region, str):
+        return "region: must be text"
+    if len(region) > MAX_REGION_CHARS:
+        return f"region: longer than {MAX_REGION_CHARS} characters"
+    if _CC.search(region):
+        return "region: contains control characters (line breaks, tabs or others)"
+    return None
+
+
+def _check_created_at(row: Mapping) -> str | None:
+    in_range = row.get("created_at_in_range")
+    text = row.get("created_at_text")
+    created_at = row.get("created_at")
+    if in_range is None and isinstance(created_at, datetime):
+        if created_at.tzinfo is None:  # as the UTC columns read it
+            created_at = created_at.replace(tzinfo=timezone.utc)
+        in_range = CREATED_AT_FROM <= created_at < CREATED_AT_UNTIL
+        text = created_at.isoformat()
+    if in_range is None or in_range:
+        return None
+    return (f"created_at: must be from {CREATED_AT_FROM:%Y-%m-%d} up to (not including) "
+            f"{CREATED_AT_UNTIL:%Y-%m-%d} UTC (got {_shown(str(text))})")
 
 
 def _check_summary(summary) -> str | None:
@@ -217,7 +265,7 @@ def _next_batch(conn: Connection, after: int) -> list[dict]:
     between judging it and applying the verdict."""
     e = m.alert_events
     query = (
-        sa.select(*_judged_columns())
+        sa.select(*_judged_columns(conn))
         .where(e.c.status == "new", e.c.id > after)
         .order_by(e.c.id)
         .limit(BATCH_SIZE)
@@ -227,10 +275,28 @@ def _next_batch(conn: Connection, after: int) -> list[dict]:
     return [dict(r._mapping) for r in conn.execute(query)]
 
 
-def _judged_columns() -> list[sa.Column]:
+def _judged_columns(conn: Connection) -> list[sa.ColumnElement]:
     """What the rules read (``validate_event``, ``normalise``): all a batch or one event loads."""
     e = m.alert_events
-    return [e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.url, e.c.severity, e.c.collapse_key]
+    return [e.c.id, e.c.title, e.c.summary, e.c.alert_type, e.c.region, e.c.url, e.c.severity, e.c.collapse_key,
+            *_created_at_judged(conn)]
+
+
+def _created_at_judged(conn: Connection) -> list[sa.ColumnElement]:
+    """Whether created_at lies in the accepted range, and its text: judged by the
+    database, which compares ``infinity`` and year 10000 correctly, where the driver would
+    fail to read them. SQLite keeps text: ``datetime()`` reads it as UTC to the whole
+    second (cut, not rounded, so the bounds stay exact), and is NULL — out of range — for
+    text that is no time at all."""
+    e = m.alert_events
+    if is_postgres(conn):
+        inside = sa.and_(e.c.created_at >= CREATED_AT_FROM, e.c.created_at < CREATED_AT_UNTIL)
+    else:
+        utc_text = sa.func.datetime(e.c.created_at, type_=sa.Text)
+        inside = sa.and_(utc_text >= f"{CREATED_AT_FROM:%Y-%m-%d %H:%M:%S}",
+                         utc_text < f"{CREATED_AT_UNTIL:%Y-%m-%d %H:%M:%S}")
+    return [sa.case((inside, True), else_=False).label("created_at_in_range"),
+            sa.cast(e.c.created_at, sa.Text).label("created_at_text")]
 
 
 def _verdict(row: dict) -> dict:
@@ -266,7 +332,7 @@ def intake_event(conn: Connection, event_id: int) -> str | None:
     the database has one writer (SQLite), and the update applies only to a ``new`` row,
     so this and a concurrent Phase A judge the event once between them."""
     e = m.alert_events
-    query = sa.select(*_judged_columns()).where(e.c.id == event_id, e.c.status == "new")
+    query = sa.select(*_judged_columns(conn)).where(e.c.id == event_id, e.c.status == "new")
     if is_postgres(conn):
         query = query.with_for_update()
     row = conn.execute(query).mappings().first()

@@ -444,7 +444,7 @@ def test_alerts_ingest_reports_each_hostile_line_by_number_and_stores_the_good_o
     done = subprocess.run(args, input=None if source == "file" else data, capture_output=True, env=env,
                           cwd=ROOT, timeout=60)
 
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # malformed lines are never a silent success
     errors = done.stderr.decode().splitlines()
     assert errors[0].startswith(f"line 2: longer than {MAX_EVENT_BYTES} bytes")
     bad_byte = data.split(b"\n")[2].index(b"\xe9") + 1

@@ -56,6 +56,10 @@ def stored(engine) -> dict:
     (line(created_at="yesterday"), "created_at: not an ISO-8601 timestamp ('yesterday')"),
     (line(created_at=1715500000), "created_at: must be an ISO-8601 string (got number)"),
     (line(created_at="0001-01-01T00:00:00+05:00"), "created_at: out of range"),
+    ('{"event_key": "a", "alert_type": "x", "title": "t", "severity": 1, "payload": %s}' % ("7" * 5000),
+     "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
+    ('{"event_key": "a", "alert_type": "x", "title": "t", "severity": 1, "payload": %s}' % ("[" * 20000 + "]" * 20000),
+     "invalid JSON: nested too deeply"),
     ('{"event_key": "a", "event_key": "b", "alert_type": "x", "title": "t", "severity": 1}',
      "repeated key 'event_key'"),
     ('{"event_key": "a", "alert_type": "x", "title": "t", "severity": NaN}',
@@ -182,3 +186,33 @@ def test_ingest_lines_and_ingest_event_accept_a_collapse_key(db, engine):
 def test_a_long_collapse_key_is_stored_for_phase_a_to_reject(db, engine):
     assert ingest_lines(db, [line(event_key="long", collapse_key="k" * 500)]).errors == []
     assert stored(engine)["long"].collapse_key == "k" * 500
+
+
+def test_times_regions_and_types_phase_a_refuses_are_stored_by_both_ways_in_then_rejected(db, engine, now, settings):
+    """What fits the columns is stored, however wrong: Phase A rejects it with a reason."""
+    report = ingest_lines(db, [
+        line(event_key="go-zero", created_at="0001-01-01T00:00:00Z"),
+        line(event_key="far", created_at="9999-12-31T23:59:59+00:00"),
+        line(event_key="region", region="R" * 5000),
+        line(event_key="tab", region="North\tSea"),
+        line(event_key="type", alert_type="t" * 65),
+    ])
+    assert (report.stored, report.errors) == (5, [])
+    assert ingest_event(db, {**EVENT, "event_key": "event", "region": "line\nbreak",
+                             "created_at": "1999-12-31T23:59:59+00:00"}) is True
+
+    assert run_phase_a(db, clock_at(now), settings, NO_CHANNELS) == {"accepted": 0, "rejected": 6}
+    reasons = {k: r.reject_reason for k, r in stored(engine).items()}
+    assert {k: reason.split(":")[0] for k, reason in reasons.items()} == {
+        "go-zero": "created_at", "far": "created_at", "region": "region", "tab": "region", "type": "alert_type",
+        "event": "region"}
+    assert "; created_at: " in reasons["event"], "every problem is named"
+
+
+def test_a_payload_nested_too_deeply_to_check_is_refused_not_a_crash(db, engine):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(MalformedEvent, match="payload: nested too deeply"):
+        ingest_event(db, {**EVENT, "payload": deep})
+    assert stored(engine) == {}
