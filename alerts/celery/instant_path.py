@@ -32,10 +32,13 @@ from alerts.core.settings import Settings
 from alerts.core.db import Database
 from alerts.phases.fanout import run_phase_b
 from alerts.phases.intake import intake_event
-from alerts.phases.ingest import event_row, ingest_event as store_event
+from alerts.phases.ingest import MalformedEvent, event_row, ingest_event as store_event
+
+__all__ = ["MalformedEvent", "deliveries_of", "named", "store_and_fan_out"]
 
 PENDING_RETRY_SECONDS = 1  # a concurrent Phase B holds the event: look again this soon
 PENDING_RETRIES = 30  # then leave it to beat's dispatch
+KEY_SHOWN_CHARS = 80  # of an event_key named in a log line
 
 
 def store_and_fan_out(db: Database, event: dict, clock: Clock, settings: Settings) -> dict:
@@ -53,6 +56,15 @@ def store_and_fan_out(db: Database, event: dict, clock: Clock, settings: Setting
         created = run_phase_b(db, clock, settings, ChannelSet(), event_id=event_id)["deliveries_created"]
         event_id, status = _event(db, key)
     return {"stored": stored, "event_id": event_id, "status": status, "deliveries_created": created}
+
+
+def named(event: object) -> str:
+    """The event as a log line names it: its event_key, quoted and cut short (producers'
+    text, control characters escaped), or that it has none."""
+    key = event.get("event_key") if isinstance(event, dict) else None
+    if not isinstance(key, str) or not key.strip():
+        return "an event without an event_key"
+    return f"event {(key if len(key) <= KEY_SHOWN_CHARS else key[:KEY_SHOWN_CHARS] + '…')!r}"
 
 
 def deliveries_of(event_id: int) -> list[sa.ColumnElement]:

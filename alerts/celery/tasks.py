@@ -121,12 +121,18 @@ def recover_stale(self, now: str | None = None) -> dict:
     return {"recovered": recovered, "enqueued": enqueued}
 
 
-@shared_task(name="alerts.ingest_event", base=AlertsTask, bind=True)
+# An event that cannot be stored fails its task: "expected" (``throws``), so Celery logs
+# it at INFO without a traceback, next to the one ERROR line of our own; never retried.
+@shared_task(name="alerts.ingest_event", base=AlertsTask, bind=True, throws=(instant_path.MalformedEvent,))
 def ingest_event(self, event: dict, now: str | None = None) -> dict:
     """Store one event (a repeated event_key is a no-op), then judge it, fan it out and
     publish its due instant sends at once (alerts/celery/instant_path.py)."""
     clock = clock_for(now)
-    result = instant_path.store_and_fan_out(state.db(), event, clock, state.settings)
+    try:
+        result = instant_path.store_and_fan_out(state.db(), event, clock, state.settings)
+    except instant_path.MalformedEvent as exc:
+        log.error("alerts.ingest_event: %s not stored: %s", instant_path.named(event), exc)
+        raise
     if result["status"] == "ready" and self.request.retries < instant_path.PENDING_RETRIES:
         raise self.retry(countdown=instant_path.PENDING_RETRY_SECONDS, max_retries=instant_path.PENDING_RETRIES)
     result["enqueued"] = _publish(self, INSTANT, "alerts.send_delivery", clock, now,
