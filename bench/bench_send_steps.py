@@ -43,7 +43,7 @@ from alerts.channels.registry import ChannelSet  # noqa: E402
 from alerts.core.clock import Clock  # noqa: E402
 from alerts.core.db import Database, make_engine  # noqa: E402
 from alerts.sending.outbox import DIGESTS  # noqa: E402
-from alerts.phases.send import send_one  # noqa: E402
+from alerts.sending.service import send_one  # noqa: E402
 from bench._common import create_database, drop_database, python_speed_us, smtp_settings  # noqa: E402
 from bench.bench_celery import seed  # noqa: E402
 
@@ -88,7 +88,7 @@ def measure(url: str) -> tuple[dict[str, float], int]:
             patches.enter_context(mock.patch.object(owner, attribute, timed(step, getattr(owner, attribute))))
         for row_id in ids:
             start = time.process_time()
-            sent += send_one(db, DIGESTS, row_id, clock, settings, channels) == "sent"
+            sent += send_one(db, DIGESTS, row_id, clock, settings, channels).status == "sent"
             spent["transactions"] += time.process_time() - start
     db.engine.dispose()
     spent["load"] -= spent["render"]  # the load renders

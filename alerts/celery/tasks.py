@@ -13,7 +13,6 @@ Two layers of retry:
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 import kombu.exceptions
 import redis.exceptions
@@ -23,9 +22,9 @@ from celery import Task, shared_task
 from alerts.sending import dispatch
 from alerts.celery import instant_path
 from alerts.core.clock import Clock, parse_instant
-from alerts.core.settings import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS
+from alerts.core.settings import INFRA_BACKOFF_MAX_SECONDS
 from alerts.sending.outbox import DIGESTS, INSTANT, Outbox
-from alerts.phases.send import recover_stale as recover_rows, send_one
+from alerts.sending.service import recover_stale as recover_rows, send_one
 from alerts.phases.pipeline import ALL, run_phases
 from alerts.celery.worker import state
 
@@ -154,29 +153,19 @@ def send_delivery(self, delivery_id: int, now: str | None = None, slot: str | No
 
 
 def _send(task: Task, outbox: Outbox, row_id: int, now: str | None, slot: str | None) -> str | None:
-    """Claim, send, record (``send_one``): the outcome's status; None when the row was not
-    due or someone else had it; "rate_limited" when the task was put back to wait.
+    """Claim, send, record through the one send path (alerts/sending/service.py): the
+    outcome's status; None when the row was not due or someone else had it;
+    "rate_limited" when the task was put back to wait for the Telegram limit.
 
-    ``slot`` is set only by the task itself when it re-schedules: "chat" when it booked
-    its chat's next free second, "both" when it booked its global slot as well and may
-    send on waking without asking again (see alerts/sending/ratelimit.py).
+    ``slot`` is set only by the task itself when it re-schedules: what it booked of the
+    limit before sleeping (``service.CHAT_SLOT``, ``service.BOTH_SLOTS``).
     """
-    clock, db, channels = clock_for(now), state.db(), state.channels()
-    limiter = state.limiter() if channels.get("telegram") is not None else None
-    if limiter is not None and slot != "both":  # without Telegram there is no limit to ask
-        with db.transaction() as conn:
-            due, chat = outbox.telegram_chat(conn, row_id, clock.now())
-        if not due:
-            return None
-        if chat is not None:
-            permit = limiter.acquire(chat, chat_held=slot == "chat", max_reserve=MAX_COUNTDOWN_SECONDS)
-            if permit.wait > 0:
-                # Before the claim: the row stays queued and nothing is counted as an attempt.
-                held = "both" if permit.go else "chat" if permit.chat_held else None
-                countdown = min(permit.wait, MAX_COUNTDOWN_SECONDS)
-                with db.transaction() as conn:
-                    dispatch.hold_mark(conn, outbox, row_id, clock.now() + timedelta(seconds=countdown))
-                task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": held},
-                                 countdown=countdown)
-                return "rate_limited"
-    return send_one(db, outbox, row_id, clock, state.settings, channels)
+    clock = clock_for(now)
+    sent = send_one(state.db(), outbox, row_id, clock, state.settings, state.channels(), slot=slot)
+    if sent.deferred is not None:
+        # The claim is given back (no attempt counted) and the row's mark moved to when
+        # this task wakes, so no second task is published for it meanwhile.
+        task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": sent.deferred.slot},
+                         countdown=sent.deferred.wait)
+        return "rate_limited"
+    return sent.status

@@ -57,7 +57,8 @@ class WorkerState:
     def db(self) -> Database:
         with self._lock:
             if self._engine is None:
-                engine = make_engine(self.settings.database_url, pool_size=ENGINE_POOL_SIZE)
+                engine = make_engine(self.settings.database_url, pool_size=ENGINE_POOL_SIZE,
+                                     prepared_statements=self.settings.db_prepared_statements)
                 try:
                     check_migrated(engine)
                 except BaseException:
@@ -67,9 +68,14 @@ class WorkerState:
             return Database(self._engine)
 
     def channels(self) -> ChannelSet:
+        """The channels, carrying the Telegram limiter their sends ask first."""
+        limiter = self.limiter()
         with self._lock:
             if self._channels is None:
-                self._channels = build_channels(self.settings)
+                channels = build_channels(self.settings)
+                if channels.get("telegram") is not None:
+                    channels.limiter = limiter
+                self._channels = channels
             return self._channels
 
     def limiter(self) -> TelegramLimiter | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from alerts.channels import Channel
 from alerts.channels.email import FileEmailChannel, SmtpEmailChannel
@@ -24,6 +24,9 @@ class ChannelSet:
     channels: dict[str, Channel] = field(default_factory=dict)
     unconfigured: dict[str, str] = field(default_factory=dict)  # name -> why it is absent
     log: list[Recorded] = field(default_factory=list)  # what recording channels were given
+    # What a Telegram send asks first (alerts/sending/ratelimit.py), set by whoever runs
+    # the sends: the runner's session, a worker's state. None: no limit to ask.
+    limiter: Any = None
 
     def get(self, name: str) -> Channel | None:
         return self.channels.get(name)

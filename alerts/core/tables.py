@@ -29,6 +29,10 @@ DIGEST_WITHOUT_ITEMS = "digest has no items"
 UNSUBSCRIBED = "unsubscribed"
 
 
+# A row failed by our own error (rendering, an unexpected exception), not by a provider:
+# followed by the exception's type; `alerts check` reports these.
+INTERNAL_ERROR = "internal error:"
+
 DESTINATION_DISABLED = "destination_disabled"  # §11.3: the block's reason follows
 
 

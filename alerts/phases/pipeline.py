@@ -16,6 +16,7 @@ from alerts.phases.digests import run_phase_d
 from alerts.phases.fanout import run_phase_b
 from alerts.phases.intake import run_phase_a
 from alerts.phases.send import run_phase_c
+from alerts.sending.ratelimit import runner_limiter
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def session(engine: Engine, settings: Settings, *, dry_run: bool = False) -> Ite
                 channels.close()
         return
     channels = build_channels(settings)
+    if channels.get("telegram") is not None:
+        channels.limiter = runner_limiter(settings.ratelimit_redis_url)
     try:
         yield Database(engine), channels
     finally:

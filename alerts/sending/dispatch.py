@@ -117,12 +117,3 @@ def _unmark(db: Database, outbox: Outbox, ids: list[int], now: datetime) -> None
             conn.execute(sa.update(t).where(t.c.id.in_(ids), t.c.enqueued_at == now).values(enqueued_at=None))
     except sa.exc.SQLAlchemyError as exc:
         log.warning("could not clear enqueue marks after a failed publish: %s", exc)
-
-
-def hold_mark(conn: Connection, outbox: Outbox, row_id: int, until: datetime) -> None:
-    """A task that re-schedules itself (a rate-limit wait) moves its row's mark to when it
-    will run: until ``reenqueue_after`` past that, the row's task is not taken for lost
-    and no second task is published for it — each of which would book a slot of its own
-    and waste it."""
-    t = outbox.table
-    conn.execute(sa.update(t).where(t.c.id == row_id, t.c.status == m.QUEUED).values(enqueued_at=until))

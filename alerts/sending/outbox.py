@@ -11,17 +11,18 @@ touch a row's send state through these and nothing else:
     record(conn, job, outcome)  the outcome, fenced on the claim (status 'sending' and the
                                 attempt it counted): a sender whose lease ran out cannot
                                 overwrite the claim of the sender that took over
-    release(conn, claimed)      claims given back unsent: queued again, attempt uncounted
+    recheck(conn, job)          the reason a loaded job must no longer go out (an unsubscribe
+                                or a block committed since it was loaded), or None
+    release(conn, claimed, …)   claims given back unsent: queued again, attempt uncounted —
+                                optionally held until a time (a rate-limit wait)
     recover(conn, now, …)       rows abandoned in sending past the lease: queued again, or
                                 failed once their attempts are used up
 
 ``INSTANT`` and ``DIGESTS`` differ only in which rows are due and what a send loads.
 
-Each statement is built once, with bind parameters, and reused: building one afresh
-costs 0.13-0.3 ms of CPU, more than PostgreSQL spends running it. Measured with
-bench/bench_latency.py (2 processes x 8 threads, three paired runs): 0.572 of the bare
-pool when built for every send, 0.657 built once; workers' CPU per 1,000 digests
-4.0 s -> 3.1 s (replit.md, "What one send costs").
+Each statement is built once, with bind parameters, and reused (its measured gain:
+docs/decisions.md). A message that cannot be rendered (a bug, a template) does not stop
+the batch: its job carries the error and is recorded failed (``internal error: …``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Job:
     recipient: str | None = None
     message: Message | None = None
     skip_reason: str | None = None
+    error: str | None = None  # the message could not be built: ``internal error: <type>``
 
     @property
     def claim(self) -> Claim:
@@ -124,38 +126,46 @@ class Outbox:
                         next_retry_at=_param("r_next_retry_at", m.UTCDateTime()),
                         sent_at=_param("r_sent_at", m.UTCDateTime()), attempts=_param("r_attempts")))
 
-    def release(self, conn: Connection, claimed: Sequence[Claim]) -> None:
+    def release(self, conn: Connection, claimed: Sequence[Claim], *, hold_until: datetime | None = None,
+                due_at: datetime | None = None) -> None:
         """Give back claims that were never sent: queued again, the attempt not counted.
-        Fenced like ``record``: a claim someone else has taken over since is left alone."""
-        conn.execute(self._release(), [{"r_id": row_id, "r_claimed": attempts} for row_id, attempts in claimed])
+        Fenced like ``record``: a claim someone else has taken over since is left alone.
+        ``hold_until``: the row's Celery task re-schedules itself for then — its enqueue
+        mark moves there, so no second task is published meanwhile (alerts/sending/dispatch.py);
+        ``due_at``: the row is not due again before then (a runner's rate-limit wait)."""
+        params = [{"r_id": row_id, "r_claimed": attempts} for row_id, attempts in claimed]
+        if hold_until is not None or due_at is not None:
+            t = self.table
+            stmt = self._release().values(enqueued_at=hold_until if hold_until is not None else t.c.enqueued_at,
+                                          next_retry_at=due_at if due_at is not None else t.c.next_retry_at)
+            conn.execute(stmt, params)
+            return
+        conn.execute(self._release(), params)
 
     @functools.cache
     def _release(self) -> sa.Update:
         t = self.table
         return sa.update(t).where(*self._fence()).values(status=m.QUEUED, attempts=t.c.attempts - 1, claimed_at=None)
 
+    def recheck(self, conn: Connection, job: Job) -> str | None:
+        """Why ``job``, loaded earlier in this batch, must not go out now — its user
+        unsubscribed, became inactive, or its destination was blocked since — or None."""
+        row = conn.execute(self._recheck(), {"row_id": job.id}).mappings().first()
+        if row is None:
+            return None
+        return _addressed(Job(job.id, job.attempts, job.channel, job.user_id), row).skip_reason
+
+    @functools.cache
+    def _recheck(self) -> sa.Select:
+        t, u = self.table, m.users
+        return (sa.select(*_user_columns(), BLOCK_REASON, _unsubscribed(t))
+                .select_from(t.join(u, u.c.id == t.c.user_id).outerjoin(m.user_channel_blocks, blocks.in_force(t)))
+                .where(t.c.id == _param("row_id")))
+
     def _fence(self) -> list[sa.ColumnElement]:
         """Our claim still stands: the row is ``sending`` with the attempt we counted."""
         t = self.table
         return [t.c.id == _param("r_id"), t.c.status == m.SENDING, t.c.attempts == _param("r_claimed")]
-
-    def telegram_chat(self, conn: Connection, row_id: int, now: datetime) -> tuple[bool, str | None]:
-        """(is the row due, the Telegram chat a claim would send it to — None for other
-        channels and rows that will be skipped). Read before claiming, so a send that
-        must wait for the rate limit can wait with its row still queued."""
-        row = conn.execute(self._telegram_chat(), {"row_id": row_id, "now": now}).first()
-        if row is None:
-            return False, None
-        chat = (row.telegram_chat_id or "").strip()
-        sendable = row.channel == "telegram" and row.is_active and chat and row.block_reason is None
-        return True, (chat if sendable else None)
-
-    @functools.cache
-    def _telegram_chat(self) -> sa.Select:
-        t, u = self.table, m.users
-        return (sa.select(t.c.channel, u.c.telegram_chat_id, u.c.is_active, BLOCK_REASON)
-                .select_from(t.join(u, u.c.id == t.c.user_id).outerjoin(m.user_channel_blocks, blocks.in_force(t)))
-                .where(t.c.id == _param("row_id"), t.c.status == m.QUEUED, *self.due(NOW)))
 
 
 class InstantOutbox(Outbox):
@@ -172,7 +182,7 @@ class InstantOutbox(Outbox):
         for row in rows:
             job = _addressed(Job(row["delivery_id"], attempts[row["delivery_id"]], row["channel"], row["user_id"]), row)
             if job.skip_reason is None and channels.get(job.channel) is not None:
-                job.message = render_instant(job.channel, row, delivery_id=job.id, settings=settings)
+                _render(job, render_instant, job.channel, row, delivery_id=job.id, settings=settings)
             jobs.append(job)
         return jobs
 
@@ -207,7 +217,7 @@ class DigestOutbox(Outbox):
             if job.skip_reason is None and not items:
                 job.skip_reason = m.DIGEST_WITHOUT_ITEMS
             if job.skip_reason is None and channels.get(job.channel) is not None:
-                job.message = render_digest(job.channel, digest, items, settings=settings)
+                _render(job, render_digest, job.channel, digest, items, settings=settings)
             jobs.append(job)
         return jobs
 
@@ -289,6 +299,20 @@ def _unsubscribed(t: sa.Table) -> sa.ColumnElement:
     on_channel = [p.c.user_id == t.c.user_id, p.c.channel == t.c.channel]
     any_enabled = sa.select(sa.func.max(sa.case((p.c.enabled, 1), else_=0))).where(*on_channel).scalar_subquery()
     return (any_enabled == 0).label("unsubscribed")  # NULL (not unsubscribed) without preferences
+
+
+def _render(job: Job, render, *args, **kwargs) -> None:
+    """The job's message, or its error: one row's bug must not stop the batch."""
+    try:
+        job.message = render(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 — any failure to build is this row's alone
+        job.error = internal_error(exc)
+        log.exception("%s %s: the message could not be built", job.channel, job.id)
+
+
+def internal_error(exc: BaseException) -> str:
+    """``last_error`` of a row failed by our own bug, not by a provider's answer."""
+    return f"{m.INTERNAL_ERROR} {type(exc).__name__}"
 
 
 def _addressed(job: Job, user_row: Mapping) -> Job:

@@ -1,4 +1,6 @@
-"""Telegram's send limits, shared by every worker on every machine through Redis.
+"""Telegram's send limits, shared by every worker on every machine through Redis — or,
+for a runner with no Redis to share them in (the GitHub Actions cron), kept in its own
+process (``LocalLimiter``, the same algorithm).
 
 Telegram allows a bot about 30 messages per second overall and one message per second
 to the same chat; past that it answers 429. The limiter is GCRA (the "generic cell rate
@@ -16,9 +18,16 @@ book nothing: the caller asks again later.
 """
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
+
+import redis
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "alerts:ratelimit:telegram"
 
@@ -120,3 +129,65 @@ class TelegramLimiter:
                   int(chat_held), int(max_reserve * 1000)],
         )
         return Permit(int(wait_ms) / 1000, bool(chat), bool(both))
+
+
+class Limiter(Protocol):
+    def acquire(self, chat_id: str | int, *, chat_held: bool = False, max_reserve: float = 60.0) -> Permit: ...
+
+
+class LocalLimiter:
+    """``TelegramLimiter``'s algorithm in this process's memory: the limit of a runner that
+    has no Redis to share it in. Same answers, same bookings; thread-safe."""
+
+    def __init__(self, *, global_rate: Rate = TELEGRAM_GLOBAL, chat_rate: Rate = TELEGRAM_PER_CHAT,
+                 clock_ms: Callable[[], int] | None = None):
+        self._global_rate, self._chat_rate = global_rate, chat_rate
+        self._clock_ms = clock_ms or (lambda: int(time.monotonic() * 1000))
+        self._tats: dict[str, int] = {}  # theoretical arrival time per bucket, in ms
+        self._lock = threading.Lock()
+
+    def acquire(self, chat_id: str | int, *, chat_held: bool = False, max_reserve: float = 60.0) -> Permit:
+        with self._lock:
+            now, max_ms = self._clock_ms(), int(max_reserve * 1000)
+            g, c = self._global_rate, self._chat_rate
+            chat_key = f"chat:{chat_id}"
+            c_tat = max(self._tats.get(chat_key, 0), now)
+            if not chat_held:
+                c_wait = c_tat - (c.burst - 1) * c.interval_ms - now
+                if c_wait > 0:
+                    if c_wait > max_ms:
+                        return Permit(c_wait / 1000, False, False)
+                    self._tats[chat_key] = c_tat + c.interval_ms
+                    return Permit(c_wait / 1000, True, False)
+            g_tat = max(self._tats.get("global", 0), now)
+            g_wait = max(g_tat - (g.burst - 1) * g.interval_ms - now, 0)
+            if g_wait > max_ms:
+                return Permit(g_wait / 1000, chat_held, False)
+            self._tats["global"] = g_tat + g.interval_ms
+            if not chat_held:
+                self._tats[chat_key] = max(c_tat, now + g_wait) + c.interval_ms
+            self._prune(now)
+            return Permit(g_wait / 1000, True, True)
+
+    def _prune(self, now: int) -> None:
+        if len(self._tats) > 10_000:  # chats whose second has long passed hold nothing
+            self._tats = {k: v for k, v in self._tats.items() if v > now}
+
+
+REDIS_PROBE_TIMEOUT_SECONDS = 1.0
+
+
+def runner_limiter(redis_url: str | None) -> Limiter:
+    """The limit a one-shot runner asks: the Redis one the Celery workers share when that
+    Redis answers (cron and Celery side by side stay within Telegram's limits together),
+    else one of its own (a runner with no Redis, like the GitHub Actions cron)."""
+    if redis_url:
+        client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_PROBE_TIMEOUT_SECONDS,
+                                      socket_connect_timeout=REDIS_PROBE_TIMEOUT_SECONDS)
+        try:
+            client.ping()
+            return TelegramLimiter(client)
+        except redis.exceptions.RedisError as exc:
+            client.close()
+            log.info("no Redis for the Telegram limit (%s): keeping it in this process", type(exc).__name__)
+    return LocalLimiter()

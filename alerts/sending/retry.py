@@ -38,6 +38,11 @@ def skipped(reason: str) -> Outcome:
     return Outcome(m.SKIPPED, last_error=reason)
 
 
+def failed(reason: str) -> Outcome:
+    """Failed at once, without a provider's answer (our own error)."""
+    return Outcome(m.FAILED, last_error=reason)
+
+
 def after_failure(error: DeliveryError, attempts: int, now: datetime, settings: Settings,
                   rng: random.Random | None = None) -> Outcome:
     """Permanent errors fail at once; transient ones retry until max_attempts is used."""

@@ -56,10 +56,10 @@ def loop(phase: str, now: str, stop: Path) -> int:
 def _tasks_runner(now: str):
     from alerts.channels.registry import build_channels
     from alerts.sending.outbox import OUTBOXES
-    from alerts.phases.send import send_one
+    from alerts.sending.service import send_one
 
     settings = Settings.from_env()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, prepared_statements=settings.db_prepared_statements)
     db, channels, clock = Database(engine), build_channels(settings), Clock(parse_instant(now))
 
     def run() -> None:
@@ -69,7 +69,7 @@ def _tasks_runner(now: str):
             with engine.connect() as conn:
                 due = conn.execute(sa.select(table.c.id).where(table.c.status == "queued", *outbox.due(clock.now()))
                                    .order_by(table.c.id)).scalars().all()
-            outcomes = [send_one(db, outbox, row_id, clock, settings, channels) for row_id in due]
+            outcomes = [send_one(db, outbox, row_id, clock, settings, channels).status for row_id in due]
             counts[outbox.name] = {"sent": outcomes.count("sent")}
         print(json.dumps({"c": counts}))
 
@@ -81,7 +81,7 @@ def send(now: str, go: Path) -> int:
     from alerts.phases.send import send_due
 
     settings = Settings.from_env()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, prepared_statements=settings.db_prepared_statements)
     deadline = time.monotonic() + MAX_SECONDS
     Path(f"{go}.ready.{os.getpid()}").touch()
     while not go.exists():
@@ -99,7 +99,7 @@ def send(now: str, go: Path) -> int:
 
 def produce(batches: int, size: int, created_at: list[str]) -> int:
     settings = Settings.from_env()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, prepared_statements=settings.db_prepared_statements)
     db = Database(engine)
     clock = Clock()
     try:

@@ -584,7 +584,7 @@ def test_a_send_whose_database_connection_drops_right_after_the_provider_accepte
     assert len(smtp_server.messages) == 1
 
 
-def test_a_claim_is_given_back_when_the_message_cannot_be_rendered(app, conn, smtp_server, monkeypatch):
+def test_a_message_that_cannot_be_rendered_fails_its_row_with_an_internal_error(app, conn, smtp_server, monkeypatch):
     import alerts.sending.outbox
 
     digest = add_digest(conn, add_user(conn))
@@ -595,14 +595,11 @@ def test_a_claim_is_given_back_when_the_message_cannot_be_rendered(app, conn, sm
 
     with monkeypatch.context() as patched:
         patched.setattr(alerts.sending.outbox, "render_digest", broken)
-        result = send.apply((digest,), {"now": iso(AFTER_WINDOW)})
-    assert result.failed() and isinstance(result.result, RuntimeError)
-    untouched = row(conn, m.user_alert_digests, digest)
-    assert (untouched["status"], untouched["attempts"], untouched["claimed_at"]) == ("queued", 0, None)
-
-    assert send.apply((digest,), {"now": iso(AFTER_WINDOW)}).get() == "sent"
-    assert row(conn, m.user_alert_digests, digest)["attempts"] == 1
-    assert len(smtp_server.messages) == 1
+        assert send.apply((digest,), {"now": iso(AFTER_WINDOW)}).get() == "failed"
+    failed = row(conn, m.user_alert_digests, digest)
+    assert (failed["status"], failed["attempts"], failed["claimed_at"]) == ("failed", 1, None)
+    assert failed["last_error"] == "internal error: RuntimeError"
+    assert smtp_server.messages == []
 
 
 class WatchingChannel:

@@ -23,7 +23,8 @@ from alerts.channels.registry import ChannelSet
 from alerts.core.settings import Settings
 from alerts.core.db import Database, make_engine
 from alerts.sending.outbox import INSTANT
-from alerts.phases.send import recover_stale, run_phase_c, send_due, send_one
+from alerts.phases.send import run_phase_c, send_due
+from alerts.sending.service import recover_stale, send_one
 from tests.support.clock import ManualClock, clock_at
 from tests.conftest import PG_ADMIN_URL
 from tests.support.factories import WINDOW_END, add_delivery, add_digest, add_event, add_user
@@ -86,7 +87,7 @@ def send_while_the_database_drops(pg_url, outage: float = 0.0) -> tuple[str | No
     channel = DropsTheDatabase(engine.url.database, outage=outage)
     try:
         status = send_one(Database(engine), INSTANT, delivery, clock_at(NOW), Settings(),
-                          ChannelSet({"email": channel}))
+                          ChannelSet({"email": channel})).status
     finally:
         channel.close()
         engine.dispose()
