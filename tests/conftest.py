@@ -25,6 +25,17 @@ pytest_plugins = ["tests.support.fakes.fixtures"]
 
 PG_ADMIN_URL = os.environ.get("ALERTS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
+# Behind a connection pooler (.ci/run runs the concurrency and Celery tests once more
+# through PgBouncer in transaction mode, with ALERTS_TEST_PG_ADMIN_URL pointing at it):
+# ALERTS_DB_PREPARED_STATEMENTS=off in the environment makes this process's own
+# connections prepare nothing either (tests build Settings without the environment), and
+# the processes the tests start keep it (tests/support/e2e_runner.py, KEPT_VARIABLES).
+if os.environ.get("ALERTS_DB_PREPARED_STATEMENTS", "").strip().lower() == "off":
+    @sa.event.listens_for(sa.engine.Engine, "connect")
+    def _prepare_nothing(dbapi_conn, _record):
+        if hasattr(dbapi_conn, "prepare_threshold"):  # psycopg 3, not sqlite3
+            dbapi_conn.prepare_threshold = None
+
 
 def _pg_url(dbname: str) -> str:
     return sa.engine.make_url(PG_ADMIN_URL).set(database=dbname).render_as_string(hide_password=False)

@@ -34,7 +34,7 @@ def migrate() -> None:
     """Bring the database to the current schema (safe to run repeatedly)."""
     settings = load_settings()
     with reaching_database(settings):
-        revision = migrate_db(settings.database_url)
+        revision = migrate_db(settings.database_url, prepared_statements=settings.db_prepared_statements)
     click.echo(f"database at revision {revision}")
 
 

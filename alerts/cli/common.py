@@ -82,7 +82,7 @@ def reaching_database(settings: Settings):
 def open_engine(settings: Settings):
     """An engine on a database that is at the current schema, else exit 2 (not
     migrated) or 3 (cannot be reached)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, prepared_statements=settings.db_prepared_statements)
     try:
         with reaching_database(settings):
             check_migrated(engine)

@@ -41,7 +41,12 @@ class NotMigrated(RuntimeError):
     """The database schema is missing or behind the code."""
 
 
-def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, **kwargs) -> Engine:
+def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, prepared_statements: bool = True,
+                **kwargs) -> Engine:
+    """``prepared_statements=False`` (ALERTS_DB_PREPARED_STATEMENTS=off) for a
+    transaction-pooling PgBouncer that does not track them: statements prepared on one
+    server connection would meet another client there ("prepared statement \"_pg3_0\"
+    already exists") or be missing on the next."""
     url_obj = sa.engine.make_url(url)
     if url_obj.get_backend_name() == "sqlite":
         engine = sa.create_engine(url_obj, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
@@ -56,8 +61,10 @@ def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, 
             # level set takes three (it SETs default_transaction_isolation around the ping's
             # switch to autocommit). Measured in replit.md, "What one send costs".
             url_obj = url_obj.set(drivername="postgresql+psycopg")
-        if "connect_timeout" not in url_obj.query:
-            kwargs["connect_args"] = {"connect_timeout": connect_timeout, **kwargs.get("connect_args", {})}
+        connect_args = {} if "connect_timeout" in url_obj.query else {"connect_timeout": connect_timeout}
+        if not prepared_statements:
+            connect_args["prepare_threshold"] = None  # psycopg's own switch: never prepare
+        kwargs["connect_args"] = {**connect_args, **kwargs.get("connect_args", {})}
     # READ COMMITTED is stated, not assumed: a sender's load must see every digest item
     # Phase D committed before the claim in the same transaction shut it out, which a
     # REPEATABLE READ default would hide.
@@ -182,21 +189,22 @@ def retrying(write: Callable[[], T], what: str) -> T:
 
 # --- migrations -----------------------------------------------------------------------
 
-def alembic_config(url: str | None = None):
+def alembic_config(url: str | None = None, *, prepared_statements: bool = True):
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["prepared_statements"] = prepared_statements  # read by migrations/env.py
     if url is not None:
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
-def migrate(url: str) -> str:
+def migrate(url: str, *, prepared_statements: bool = True) -> str:
     """Bring the database to head; safe to run again. Returns the head revision."""
     from alembic import command
 
-    cfg = alembic_config(url)
+    cfg = alembic_config(url, prepared_statements=prepared_statements)
     command.upgrade(cfg, "head")
     return head_revision()
 

@@ -25,6 +25,9 @@ DATABASE_SCHEME_ALIASES = {"postgres": "postgresql"}
 # The driver is psycopg 3 (alerts/core/db.py). ``postgresql+psycopg2://``, the form an earlier
 # release documented, is read as ``postgresql://``: psycopg2 is no longer installed.
 DATABASE_DRIVER_ALIASES = {"postgresql+psycopg2": "postgresql"}
+# ALERTS_DB_PREPARED_STATEMENTS: "off" behind a transaction-pooling PgBouncer that does
+# not track prepared statements (docs/deployment.md, "Behind PgBouncer").
+ON_OFF = ("on", "off")
 
 # Celery: the longest countdown a task ever sets on itself (a booked Telegram slot) and
 # the longest backoff of Celery's own retries. The Redis visibility timeout must stay far
@@ -54,6 +57,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "sqlite:///alerts.db"
+    db_prepared_statements: bool = True
     celery_broker_url: str = "redis://localhost:6379/0"
     timezone: str = "Europe/Amsterdam"
     digest_period: str = "daily"
@@ -130,6 +134,7 @@ class Settings:
         broker_url = r.text("CELERY_BROKER_URL", cls.celery_broker_url)
         settings = cls(
             database_url=r.database_url("DATABASE_URL", cls.database_url),
+            db_prepared_statements=r.choice("ALERTS_DB_PREPARED_STATEMENTS", ON_OFF, "on") == "on",
             celery_broker_url=broker_url,
             timezone=r.timezone("ALERTS_TIMEZONE", cls.timezone),
             digest_period=r.choice("ALERTS_DIGEST_PERIOD", DIGEST_PERIODS, cls.digest_period),

@@ -57,7 +57,8 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
     """The app for ``settings``. Raises ConfigError (ALERTS_SECRET_KEY) without a usable key."""
     secret_key = check_secret_key(settings)
     if engine is None:
-        engine = make_engine(settings.database_url, connect_timeout=DB_CONNECT_TIMEOUT_SECONDS)
+        engine = make_engine(settings.database_url, connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
+                             prepared_statements=settings.db_prepared_statements)
     app = _App(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, MAX_FORM_MEMORY_SIZE=MAX_BODY_BYTES)
     app.jinja_env.autoescape = True  # every template, whatever its name

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Generous for a subprocess on a busy 2-core machine; only bounds a hung run.
 RUN_TIMEOUT_SECONDS = 120
 FAKE_TIMEOUT_SECONDS = "5"
+# Kept from the caller's environment: how this machine's PostgreSQL must be reached
+# (.ci/run sets it to run tests behind PgBouncer; tests/conftest.py).
+KEPT_VARIABLES = ("ALERTS_DB_PREPARED_STATEMENTS",)
 
 _TEXT_EVENT_ID = re.compile(r"^#(\d+) · ", re.MULTILINE)  # the id line of an item in text/plain email
 _TELEGRAM_EVENT_ID = re.compile(r"#(\d+) · \d\d:\d\d")  # "#<id> · HH:MM" in a Telegram digest item
@@ -26,7 +29,8 @@ _TELEGRAM_EVENT_ID = re.compile(r"#(\d+) · \d\d:\d\d")  # "#<id> · HH:MM" in a
 def runner_env(db_url: str, smtp=None, api=None, **extra: str) -> dict:
     """The process environment for a run: this machine's, less any ALERTS_* or
     DATABASE_URL of the caller, with the database and the fakes that are given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "DATABASE_URL"))}
+    env = {k: v for k, v in os.environ.items()
+           if k in KEPT_VARIABLES or not k.startswith(("ALERTS_", "DATABASE_URL"))}
     env["DATABASE_URL"] = db_url
     if smtp is not None:
         env.update(ALERTS_EMAIL_BACKEND="smtp", ALERTS_SMTP_HOST=smtp.host, ALERTS_SMTP_PORT=str(smtp.port),

@@ -29,6 +29,7 @@ from celery import Celery
 
 from alerts.core import tables as m
 from alerts.core.settings import INFRA_BACKOFF_MAX_SECONDS, MAX_COUNTDOWN_SECONDS, Settings
+from tests.support.e2e_runner import KEPT_VARIABLES
 from tests.support.factories import add_event, add_pref, add_user
 from tests.support.factories import WINDOW_START, add_digest
 from tests.integration.celery.test_tasks import AFTER_WINDOW, iso
@@ -89,7 +90,8 @@ def wait_until(predicate, timeout: float, describe=lambda: "") -> None:
 
 
 def celery_env(broker_url: str, database_url: str, smtp_host: str, smtp_port: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
+    env = {k: v for k, v in os.environ.items()
+           if k in KEPT_VARIABLES or not k.startswith(("ALERTS_", "CELERY_", "DATABASE_URL"))}
     env.update({"DATABASE_URL": database_url, "CELERY_BROKER_URL": broker_url, "ALERTS_SMTP_HOST": smtp_host,
                 "ALERTS_SMTP_PORT": str(smtp_port), "ALERTS_SMTP_TLS": "none", "PYTHONPATH": str(ROOT), **extra})
     return env

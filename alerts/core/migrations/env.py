@@ -11,7 +11,7 @@ config = context.config
 
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL", "sqlite:///alerts.db")
-    engine = make_engine(url)
+    engine = make_engine(url, prepared_statements=config.attributes.get("prepared_statements", True))
     with engine.connect() as connection:
         context.configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
