@@ -19,6 +19,9 @@ EMAIL_MAX_ITEMS = 50
 TELEGRAM_TITLE_MAX = 200
 TELEGRAM_SUMMARY_MAX = 400
 TELEGRAM_URL_TEXT_MAX = 80
+# A story of hundreds of updates lists only its newest ids (and the count), so even the
+# largest item fits: the digest always shows at least its highest-severity item.
+TELEGRAM_IDS_MAX = 10
 TELEGRAM_SEPARATOR = "\n\n"
 
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -107,7 +110,7 @@ def _telegram(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> 
     # A generator: fit_telegram renders only the items that can still fit.
     blocks = (TELEGRAM_SEPARATOR + _part(parts.item(event_view(
         e, tz, title_max=TELEGRAM_TITLE_MAX, summary_max=TELEGRAM_SUMMARY_MAX,
-        url_text_max=TELEGRAM_URL_TEXT_MAX))) for e in ordered)
+        url_text_max=TELEGRAM_URL_TEXT_MAX, ids_max=TELEGRAM_IDS_MAX))) for e in ordered)
 
     def footer(more: int) -> str:
         text = _part(parts.footer(more, app_url))

@@ -14,6 +14,7 @@ from alerts.core.tokens import email_headers, unsubscribe_url
 SMS_MAX_CHARS = 320
 SUBJECT_TITLE_MAX = 200
 TELEGRAM_TITLE_MAX = 512  # the summary takes whatever room is left
+TELEGRAM_LABEL_MAX = 64  # alert type and region (intake refuses longer ones; old rows may hold them)
 URL_TEXT_MAX = 120
 
 
@@ -43,13 +44,13 @@ def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage
 
 
 def _telegram(event: Mapping, settings: Settings) -> TextMessage:
-    view = event_view(event, settings.tz, title_max=TELEGRAM_TITLE_MAX, url_text_max=URL_TEXT_MAX)
+    caps = {"title_max": TELEGRAM_TITLE_MAX, "url_text_max": URL_TEXT_MAX, "label_max": TELEGRAM_LABEL_MAX}
+    view = event_view(event, settings.tz, **caps)
     template = html_env.get_template("instant_telegram.j2")
     text = template.render(e=view, app_url=app_link(settings)).strip()
     over = telegram_length(text) - TELEGRAM_LIMIT
-    if over > 0:  # only the summary is long enough to overflow; cut exactly the excess
-        view = event_view(event, settings.tz, title_max=TELEGRAM_TITLE_MAX, url_text_max=URL_TEXT_MAX,
-                          summary_max=utf16_len(view.summary or "") - over)
+    if over > 0:  # everything else is capped far below the limit: cut exactly the summary's excess
+        view = event_view(event, settings.tz, **caps, summary_max=utf16_len(view.summary or "") - over)
         text = template.render(e=view, app_url=app_link(settings)).strip()
     return TextMessage(text)
 

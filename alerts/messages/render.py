@@ -17,6 +17,7 @@ from alerts.messages.telegram_fit import truncate_utf16
 MESSAGE_ID_DOMAIN = "alerts.energyriskiq.com"
 SEVERITY_LABELS = {1: "low", 2: "moderate", 3: "elevated", 4: "high", 5: "critical"}
 _WHITESPACE = re.compile(r"\s")  # the same characters as str.isspace()
+_UNSAFE_IN_URL = re.compile(r'[<>"{}|\\^`]')  # never valid unencoded in a URL (RFC 3986)
 
 _loader = jinja2.PackageLoader("alerts.messages", "templates")
 # Templates ship inside the package and never change under a running process: compile
@@ -40,14 +41,16 @@ def one_line(text: str) -> str:
 
 
 def safe_url(url: object) -> str | None:
-    """The url when it is an absolute http(s) URL, else None: no javascript: links, ever."""
+    """The url when it is an absolute http(s) URL, else None: no javascript: links, ever.
+    Characters a URL may never hold as they are (``<`` ``>`` ``"`` …) are percent-encoded,
+    as a browser would, so no parser of an href (Telegram's included) meets them."""
     if not isinstance(url, str):
         return None
     url = url.strip()
     parsed = urlparse(url)
     if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc or _WHITESPACE.search(url):
         return None
-    return url
+    return _UNSAFE_IN_URL.sub(lambda m: f"%{ord(m.group()):02X}", url)
 
 
 def as_utc(value: datetime) -> datetime:
@@ -89,10 +92,14 @@ class EventView:
     # first, and how many there are; one event alone is (id,) and 1.
     ids: tuple[int, ...] = ()
     updates: int = 1
+    ids_hidden: int = 0  # older ids left out of ``ids`` where room is short (a Telegram digest)
 
 
 def event_view(event: Mapping, tz: tzinfo, *, title_max: int | None = None,
-               summary_max: int | None = None, url_text_max: int | None = None) -> EventView:
+               summary_max: int | None = None, url_text_max: int | None = None,
+               label_max: int | None = None, ids_max: int | None = None) -> EventView:
+    """``*_max`` cap what a size-limited message shows, in UTF-16 units: ``label_max`` the
+    alert type and region, ``ids_max`` how many of a story's ids (the newest are kept)."""
     title = one_line(str(event["title"] or "")) or "(untitled)"
     summary = (event.get("summary") or "").strip() or None
     if title_max is not None:
@@ -101,12 +108,18 @@ def event_view(event: Mapping, tz: tzinfo, *, title_max: int | None = None,
         summary = truncate_utf16(summary, summary_max)
     url = safe_url(event.get("url"))
     url_text = url if url is None or url_text_max is None else truncate_utf16(url, url_text_max)
+    alert_type, region = event.get("alert_type") or "", event.get("region") or None
+    if label_max is not None:
+        alert_type = truncate_utf16(one_line(alert_type), label_max)
+        region = truncate_utf16(one_line(region), label_max) if region else None
+    ids = tuple(event.get("ids") or (event["id"],))
+    shown = ids if ids_max is None or len(ids) <= ids_max else ids[len(ids) - ids_max:]
     return EventView(
         id=event["id"], severity=event["severity"], label=severity_label(event["severity"]),
         title=title, summary=summary, url=url, url_text=url_text,
-        alert_type=event.get("alert_type") or "", region=event.get("region") or None,
+        alert_type=alert_type, region=region,
         created_at=as_utc(event["created_at"]).astimezone(tz),
-        ids=tuple(event.get("ids") or (event["id"],)), updates=event.get("updates") or 1,
+        ids=shown, updates=event.get("updates") or 1, ids_hidden=len(ids) - len(shown),
     )
 
 
