@@ -143,19 +143,28 @@ def ingest_event(self, event: dict, now: str | None = None) -> dict:
 # --- sends -------------------------------------------------------------------------------
 
 @shared_task(name="alerts.send_digest", base=AlertsTask, bind=True)
-def send_digest(self, digest_id: int, now: str | None = None, slot: str | None = None) -> str | None:
-    return _send(self, DIGESTS, digest_id, now, slot)
+def send_digest(self, digest_id: int, now: str | None = None, slot: str | None = None,
+                locked: int = 0) -> str | None:
+    return _send(self, DIGESTS, digest_id, now, slot, locked)
 
 
 @shared_task(name="alerts.send_delivery", base=AlertsTask, bind=True)
-def send_delivery(self, delivery_id: int, now: str | None = None, slot: str | None = None) -> str | None:
-    return _send(self, INSTANT, delivery_id, now, slot)
+def send_delivery(self, delivery_id: int, now: str | None = None, slot: str | None = None,
+                  locked: int = 0) -> str | None:
+    return _send(self, INSTANT, delivery_id, now, slot, locked)
 
 
-def _send(task: Task, outbox: Outbox, row_id: int, now: str | None, slot: str | None) -> str | None:
+# A send task whose row another transaction held looks again this soon, this many times
+# (about ten minutes in all), so a due row goes out within seconds of the lock's release.
+LOCKED_RETRY_SECONDS = (1, 2, 4, 8, 15, 30)
+LOCKED_RETRIES = 25
+
+
+def _send(task: Task, outbox: Outbox, row_id: int, now: str | None, slot: str | None, locked: int) -> str | None:
     """Claim, send, record through the one send path (alerts/sending/service.py): the
     outcome's status; None when the row was not due or someone else had it;
-    "rate_limited" when the task was put back to wait for the Telegram limit.
+    "rate_limited" when the task was put back to wait for the Telegram limit; "locked"
+    when another transaction held the due row and the task will look again shortly.
 
     ``slot`` is set only by the task itself when it re-schedules: what it booked of the
     limit before sleeping (``service.CHAT_SLOT``, ``service.BOTH_SLOTS``).
@@ -168,4 +177,8 @@ def _send(task: Task, outbox: Outbox, row_id: int, now: str | None, slot: str | 
         task.apply_async(task.request.args, {**(task.request.kwargs or {}), "slot": sent.deferred.slot},
                          countdown=sent.deferred.wait)
         return "rate_limited"
+    if sent.locked and locked < LOCKED_RETRIES:
+        countdown = LOCKED_RETRY_SECONDS[min(locked, len(LOCKED_RETRY_SECONDS) - 1)]
+        task.apply_async(task.request.args, {**(task.request.kwargs or {}), "locked": locked + 1}, countdown=countdown)
+        return "locked"
     return sent.status

@@ -147,6 +147,16 @@ class Outbox:
         t = self.table
         return sa.update(t).where(*self._fence()).values(status=m.QUEUED, attempts=t.c.attempts - 1, claimed_at=None)
 
+    def waiting(self, conn: Connection, row_id: int, now: datetime) -> bool:
+        """The row is queued and due, yet a claim did not get it: another transaction holds
+        its lock (a Phase D, an unsubscribe). A plain read: it never waits for that lock."""
+        return conn.execute(self._waiting(), {"row_id": row_id, "now": now}).first() is not None
+
+    @functools.cache
+    def _waiting(self) -> sa.Select:
+        t = self.table
+        return sa.select(t.c.id).where(t.c.id == _param("row_id"), t.c.status == m.QUEUED, *self.due(NOW))
+
     def recheck(self, conn: Connection, job: Job) -> str | None:
         """Why ``job``, loaded earlier in this batch, must not go out now — its user
         unsubscribed, became inactive, or its destination was blocked since — or None."""

@@ -73,6 +73,7 @@ class Sent:
 
     outcomes: list[retry.Outcome] = field(default_factory=list)
     deferred: Deferred | None = None
+    locked: bool = False  # a one-row send found its row due but held by another transaction
 
     @property
     def status(self) -> str | None:
@@ -127,8 +128,14 @@ def send_claimed(db: Database, outbox: Outbox, clock: Clock, settings: Settings,
 def send_one(db: Database, outbox: Outbox, row_id: int, clock: Clock, settings: Settings,
              channels: ChannelSet, *, slot: str | None = None, rng: random.Random | None = None) -> Sent:
     """Claim and send one row (the Celery send tasks): no outcome when the row was not
-    due or another process had it; ``deferred`` when it must wait for the Telegram limit."""
-    return send_claimed(db, outbox, clock, settings, channels, limit=1, row_id=row_id, slot=slot, rng=rng)
+    due or another process had it; ``deferred`` when it must wait for the Telegram limit;
+    ``locked`` when it is due but another transaction holds it (a claim skips locked
+    rows), so the caller can look again soon instead of leaving it to the re-enqueue age."""
+    sent = send_claimed(db, outbox, clock, settings, channels, limit=1, row_id=row_id, slot=slot, rng=rng)
+    if not sent.outcomes and sent.deferred is None:
+        with db.transaction() as conn:
+            sent.locked = outbox.waiting(conn, row_id, clock.now())
+    return sent
 
 
 def _destination(job: Job) -> tuple[int, str, str | None]:

@@ -502,6 +502,36 @@ def test_a_rate_limited_task_for_a_row_already_sent_does_nothing(app, conn, brok
     assert published(broker) == []
 
 
+def test_a_send_task_that_finds_its_row_locked_looks_again_within_seconds(app, conn, broker, pg_url, smtp_server):
+    """Another transaction (a Phase D, an unsubscribe) holds the due row: the claim skips
+    it, and the task, instead of leaving the row to the re-enqueue age (ten minutes),
+    looks again a second later — and sends once the lock is gone."""
+    digest = add_digest(conn, add_user(conn))
+    send = app.tasks["alerts.send_digest"]
+    other = make_engine(pg_url)
+    try:
+        with other.begin() as holder:
+            g = m.user_alert_digests
+            holder.execute(sa.select(g.c.id).where(g.c.id == digest).with_for_update())
+            assert send.apply((digest,), {"now": iso(AFTER_WINDOW)}).get() == "locked"
+    finally:
+        other.dispose()
+
+    (again,) = published(broker)
+    assert (again["task"], again["args"], again["kwargs"]) == \
+        ("alerts.send_digest", [digest], {"now": iso(AFTER_WINDOW), "locked": 1})
+    assert datetime.fromisoformat(again["eta"]) - datetime.now(timezone.utc) <= timedelta(seconds=1)
+    assert drain(app, broker) == ["sent"]
+    assert len(smtp_server.messages) == 1
+
+
+def test_a_send_task_for_a_row_not_due_does_not_look_again(app, conn, broker, smtp_server):
+    digest = add_digest(conn, add_user(conn), status="sent")
+
+    assert app.tasks["alerts.send_digest"].apply((digest,), {"now": iso(AFTER_WINDOW)}).get() is None
+    assert published(broker) == []
+
+
 def test_recover_stale_requeues_an_abandoned_send_and_enqueues_it(app, conn, broker, smtp_server):
     digest = add_digest(conn, add_user(conn), status="sending", attempts=1, claimed_at=AFTER_WINDOW)
     lease = worker.settings.sending_lease_seconds
