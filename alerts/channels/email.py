@@ -175,12 +175,13 @@ class SmtpEmailChannel(Channel):
         self._local.smtp = smtp
 
     def send(self, recipient: str, message: EmailMessage) -> None:
-        international = needs_smtputf8(self._from, recipient)
+        sender = message.envelope_from or self._from  # MAIL FROM: the bounce address (VERP) when set
+        international = needs_smtputf8(sender, recipient)
         mime = build_mime(message, self._settings.email_from, recipient, utf8=international)
         reused = self._smtp is not None
         try:
             try:
-                self._deliver(recipient, mime, international)
+                self._deliver(sender, recipient, mime, international)
             except smtplib.SMTPServerDisconnected as exc:
                 # The kept connection went stale (the server closed it while idle):
                 # reconnect once. Not after a timeout: the server may still be busy
@@ -188,7 +189,7 @@ class SmtpEmailChannel(Channel):
                 if not reused or _timed_out(exc):
                     raise
                 self._drop()
-                self._deliver(recipient, mime, international)
+                self._deliver(sender, recipient, mime, international)
         except Exception as exc:  # classified below; anything unknown (a bug) is re-raised
             secrets = smtp_secrets(self._settings.smtp_user, self._settings.smtp_password)
             error = classify(exc, secrets=secrets)
@@ -210,7 +211,7 @@ class SmtpEmailChannel(Channel):
 
     # --- internals -----------------------------------------------------------------
 
-    def _deliver(self, recipient: str, mime: bytes, international: bool) -> None:
+    def _deliver(self, sender: str, recipient: str, mime: bytes, international: bool) -> None:
         if self._smtp is None:
             self._smtp = self._connect()
         options: tuple[str, ...] = ()
@@ -219,7 +220,7 @@ class SmtpEmailChannel(Channel):
             if not self._smtp.has_extn("smtputf8"):
                 raise smtplib.SMTPNotSupportedError(_SMTPUTF8_MISSING)
             options = ("SMTPUTF8", "BODY=8BITMIME")
-        self._smtp.sendmail(self._from, [recipient], mime, options)
+        self._smtp.sendmail(sender, [recipient], mime, options)
 
     def _connect(self) -> smtplib.SMTP:
         s = self._settings

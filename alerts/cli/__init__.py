@@ -15,6 +15,7 @@ import alerts
 from alerts.operations.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
 from alerts.cli.common import (Fatal, clock_option, instant, load_settings, open_engine, reaching_database,
                                setup_logging)
+from alerts.cli.bounce import bounce
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
 from alerts.cli.web import web
@@ -41,6 +42,7 @@ def migrate() -> None:
 cli.add_command(run)
 cli.add_command(destinations)
 cli.add_command(web)
+cli.add_command(bounce)
 
 
 @cli.command()

@@ -38,12 +38,19 @@ INFRA_BACKOFF_MAX_SECONDS = 60
 MIN_VISIBILITY_TIMEOUT_SECONDS = 10 * max(MAX_COUNTDOWN_SECONDS, INFRA_BACKOFF_MAX_SECONDS)
 
 # Names of settings whose values must never be printed (logs, status, errors).
-SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token", "secret_key"})
+SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token", "secret_key",
+                           "metrics_token"})
 # URL settings that may carry a password (postgresql://user:pw@…, redis://:pw@…).
 URL_FIELDS = frozenset({"database_url", "celery_broker_url", "app_base_url", "telegram_api_base",
                         "twilio_api_base", "ratelimit_redis_url", "public_url"})
 MIN_SECRET_KEY_CHARS = 32
 SEVERITIES = (1, 5)
+# ALERTS_METRICS_TOKEN: what an Authorization header can carry (visible ASCII, no spaces).
+METRICS_TOKEN = re.compile(r"[!-~]{1,4096}")
+# ALERTS_BOUNCE_ADDRESS: local@domain, the local part a dot-atom without "+" (the token
+# goes after a "+") short enough that local+TOKEN stays within SMTP's 64 characters.
+_ATOM, _LABEL = r"[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+", r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+BOUNCE_ADDRESS = re.compile(rf"(?=[^@]{{1,37}}@){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*")
 
 
 class ConfigError(ValueError):
@@ -70,6 +77,9 @@ class Settings:
     # SPEC §11: the subscriber-facing web app
     public_url: str | None = None
     secret_key: str | None = field(default=None, repr=False)
+    # Operators: /metrics' bearer token; the envelope sender that collects bounces (VERP)
+    metrics_token: str | None = field(default=None, repr=False)
+    bounce_address: str | None = None
     max_attempts: int = 5
     retry_base_seconds: int = 60
     retry_max_seconds: int = 3600
@@ -146,6 +156,8 @@ class Settings:
                                                   *SEVERITIES),
             public_url=r.http_url("ALERTS_PUBLIC_URL"),
             secret_key=r.optional("ALERTS_SECRET_KEY"),
+            metrics_token=_metrics_token(r),
+            bounce_address=_bounce_address(r),
             max_attempts=r.integer("ALERTS_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             retry_base_seconds=r.integer("ALERTS_RETRY_BASE_SECONDS", cls.retry_base_seconds, minimum=0),
             retry_max_seconds=r.integer("ALERTS_RETRY_MAX_SECONDS", cls.retry_max_seconds, minimum=0),
@@ -182,6 +194,9 @@ class Settings:
         if settings.public_url and len(settings.secret_key or "") < MIN_SECRET_KEY_CHARS:
             raise ConfigError("ALERTS_SECRET_KEY", f"must be set, at least {MIN_SECRET_KEY_CHARS} characters, when "
                               "ALERTS_PUBLIC_URL is set (it signs the unsubscribe links)")
+        if settings.bounce_address and len(settings.secret_key or "") < MIN_SECRET_KEY_CHARS:
+            raise ConfigError("ALERTS_SECRET_KEY", f"must be set, at least {MIN_SECRET_KEY_CHARS} characters, when "
+                              "ALERTS_BOUNCE_ADDRESS is set (it signs the bounce addresses)")
         if settings.telegram_bot_token and settings.ratelimit_redis_url is None:
             # Without a Redis to share it in, the Telegram limit would be off: a burst
             # would go out unthrottled into Telegram's 429s.
@@ -203,6 +218,21 @@ def _ratelimit_redis_url(r: "EnvReader", broker_url: str) -> str | None:
     if _scheme(url) not in REDIS_SCHEMES:
         raise ConfigError("ALERTS_RATELIMIT_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
     return url
+
+
+def _metrics_token(r: "EnvReader") -> str | None:
+    value = r.optional("ALERTS_METRICS_TOKEN")
+    if value is not None and not METRICS_TOKEN.fullmatch(value):
+        raise ConfigError("ALERTS_METRICS_TOKEN", "must be visible ASCII characters, no spaces")  # never echoed
+    return value
+
+
+def _bounce_address(r: "EnvReader") -> str | None:
+    value = r.optional("ALERTS_BOUNCE_ADDRESS")
+    if value is not None and not BOUNCE_ADDRESS.fullmatch(value):
+        raise ConfigError("ALERTS_BOUNCE_ADDRESS", "must be an address local@domain whose local part (1-37 "
+                          f"characters) has no '+' (got {value!r})")
+    return value
 
 
 def mask_url_password(url: str) -> str:

@@ -9,7 +9,9 @@ compares signatures in constant time.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 from urllib.parse import urlsplit
 
 import itsdangerous
@@ -59,3 +61,50 @@ def email_headers(settings: Settings, stream: str, url: str | None) -> dict[str,
     return {"List-Id": f'"EnergyRiskIQ {stream} alerts" <{stream}.alerts.{host}>',
             "List-Unsubscribe": f"<{url}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+# --- bounce addresses (VERP) ----------------------------------------------------------------
+# With ALERTS_BOUNCE_ADDRESS (local@domain) every email's envelope sender is
+# local+TOKEN@domain, so a bounce or an abuse report that comes back to it names the user
+# it is about (alerts/subscribers/bounces.py). TOKEN is the user id in decimal followed by
+# 16 characters of lowercase base32: 80 bits of an HMAC-SHA256 of the id, keyed with
+# ALERTS_SECRET_KEY under a salt of its own, so no other token of ours verifies as one.
+# Lowercase letters and digits only: some MTAs lowercase local parts. No expiry: a report
+# may come days after the message.
+
+BOUNCE_SALT = "alerts.bounce.v1"
+BOUNCE_MAC_CHARS = 16
+_BASE32_LOWER = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def _bounce_mac(secret_key: str, user_id: int) -> str:
+    key = hmac.new(secret_key.encode(), BOUNCE_SALT.encode(), hashlib.sha256).digest()
+    mac = hmac.new(key, str(user_id).encode(), hashlib.sha256).digest()[:BOUNCE_MAC_CHARS * 5 // 8]
+    return base64.b32encode(mac).decode("ascii").lower()
+
+
+def make_bounce_token(secret_key: str, user_id: int) -> str:
+    return f"{user_id}{_bounce_mac(secret_key, user_id)}"
+
+
+def read_bounce_token(secret_key: str, token: str) -> int:
+    """The user id of a bounce token we signed (compared in constant time); BadToken for
+    anything else. Read in any case, as an MTA may have changed it."""
+    token = token.lower()
+    digits, mac = token[:-BOUNCE_MAC_CHARS], token[-BOUNCE_MAC_CHARS:]
+    if not (digits.isascii() and digits.isdigit() and digits[0] != "0" and len(digits) <= 18
+            and len(mac) == BOUNCE_MAC_CHARS and set(mac) <= _BASE32_LOWER):
+        raise BadToken("not a bounce token")
+    user_id = int(digits)
+    if not hmac.compare_digest(mac, _bounce_mac(secret_key, user_id)):
+        raise BadToken("not a valid bounce token")
+    return user_id
+
+
+def bounce_address(settings: Settings, user_id: int) -> str | None:
+    """The envelope sender of an email to ``user_id`` (local+TOKEN@domain), or None when
+    ALERTS_BOUNCE_ADDRESS is not set."""
+    if not settings.bounce_address or not settings.secret_key:
+        return None
+    local, _, domain = settings.bounce_address.rpartition("@")
+    return f"{local}+{make_bounce_token(settings.secret_key, user_id)}@{domain}"

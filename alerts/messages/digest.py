@@ -12,7 +12,7 @@ from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_v
                                     one_line, sort_items, text_env, zone)
 from alerts.messages.collapse import collapse
 from alerts.messages.telegram_fit import fit_telegram
-from alerts.core.tokens import email_headers, unsubscribe_url
+from alerts.core.tokens import bounce_address, email_headers, unsubscribe_url
 
 EMAIL_MAX_ITEMS = 50
 # Per-item caps keep one huge event from crowding every other item out of a Telegram digest.
@@ -97,6 +97,7 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
         html=html_env.get_template("digest_email.html.j2").render(context),
         message_id=digest_message_id(key),
         headers={"X-Alerts-Digest-Key": one_line(key), **email_headers(settings, "digest", unsubscribe)},
+        envelope_from=bounce_address(settings, digest["user_id"]) if digest.get("user_id") else None,
     )
 
 

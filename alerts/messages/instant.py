@@ -9,7 +9,7 @@ from alerts.messages.types import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, event_view, html_env, one_line,
                                     text_env)
 from alerts.messages.telegram_fit import TELEGRAM_LIMIT, telegram_length, truncate_utf16, utf16_len
-from alerts.core.tokens import email_headers, unsubscribe_url
+from alerts.core.tokens import bounce_address, email_headers, unsubscribe_url
 
 SMS_MAX_CHARS = 320
 SUBJECT_TITLE_MAX = 200
@@ -40,6 +40,7 @@ def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage
         html=html_env.get_template("instant_email.html.j2").render(context),
         message_id=f"<alert-delivery-{delivery_id}@{MESSAGE_ID_DOMAIN}>",
         headers=email_headers(settings, "instant", unsubscribe),
+        envelope_from=bounce_address(settings, event["user_id"]) if event.get("user_id") else None,
     )
 
 

@@ -11,6 +11,9 @@ class EmailMessage:
     html: str
     message_id: str  # "<...@...>", deterministic per delivery / digest: the same on every retry
     headers: dict[str, str] = field(default_factory=dict)  # extra headers, e.g. X-Alerts-Digest-Key
+    # The SMTP envelope sender (MAIL FROM) when it is not ALERTS_EMAIL_FROM's address: the
+    # user's bounce address (VERP, alerts/core/tokens.py). The From header is unchanged.
+    envelope_from: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,35 @@
-"""`alerts demo`: the whole pipeline on sample data, on the embedded default database,
-with email written to the file outbox. Needs no services and can be run again."""
+"""`alerts demo`: the whole pipeline on sample data, sealed off from any real
+installation. It runs on a SQLite file of its own (``--db``, default ``alerts-demo.db`` in
+the current directory) and writes every message — email, Telegram, SMS — as a file into
+its outbox, whatever DATABASE_URL and the provider settings in the environment say: it
+reads no setting from the environment, so it never connects to another database, an SMTP
+server, Redis, or the Telegram or Twilio API. It can be run again."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import time
-from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
 import sqlalchemy as sa
 
+from alerts.channels import Channel, DeliveryError
+from alerts.channels.email import FileEmailChannel
+from alerts.channels.registry import ChannelSet
 from alerts.core import tables as m
 from alerts.core.clock import Clock
 from alerts.core.settings import Settings
 from alerts.core.db import Database, make_engine, migrate
+from alerts.messages import Message
 from alerts.phases.ingest import ingest_lines
-from alerts.phases.pipeline import ALL, run_phases, session
+from alerts.phases.pipeline import ALL, run_phases
+
+DEMO_DATABASE = "alerts-demo.db"
+DEMO_OUTBOX = "outbox"
 
 # (email, telegram chat, phone, timezone, prefs as (alert_type, region, min_severity, channel, kind))
 DEMO_USERS = [
@@ -68,28 +81,63 @@ def _ensure_users(conn) -> None:
         ])
 
 
-def run_demo(settings: Settings, *, outbox: str | None = None, echo: Callable[[str], None] = print) -> dict:
-    settings = replace(settings, email_backend="file", outbox_dir=outbox or settings.outbox_dir)
+class FileTextChannel(Channel):
+    """Writes each Telegram or SMS text to ``<outbox>/<channel>-<recipient>-<hash>.txt``;
+    the same message to the same recipient overwrites its file."""
+
+    def __init__(self, name: str, outbox: Path):
+        self.name = name
+        self.outbox = outbox
+
+    def send(self, recipient: str, message: Message) -> None:
+        digest = hashlib.sha256(message.text.encode("utf-8")).hexdigest()[:12]
+        path = self.outbox / f"{self.name}-{re.sub(r'[^A-Za-z0-9+_-]', '_', recipient)[:40]}-{digest}.txt"
+        try:
+            self.outbox.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"to: {recipient}\n\n{message.text}\n", encoding="utf-8")
+        except OSError as exc:
+            raise DeliveryError(f"{self.name} outbox: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def demo_settings(db_path: str | os.PathLike, outbox: str | os.PathLike) -> Settings:
+    """The demo's settings: the defaults, its own SQLite file and outbox — nothing from
+    the environment."""
+    return Settings(database_url=f"sqlite:///{Path(db_path).resolve()}", email_backend="file",
+                    outbox_dir=str(outbox))
+
+
+def demo_channels(settings: Settings) -> ChannelSet:
+    """Every channel, each writing files into the outbox: no server is ever reached."""
+    outbox = Path(settings.outbox_dir)
+    return ChannelSet(channels={"email": FileEmailChannel(settings), "telegram": FileTextChannel("telegram", outbox),
+                                "sms": FileTextChannel("sms", outbox)})
+
+
+def run_demo(db_path: str | os.PathLike = DEMO_DATABASE, *, outbox: str | os.PathLike = DEMO_OUTBOX,
+             echo: Callable[[str], None] = print) -> dict:
+    settings = demo_settings(db_path, outbox)
     clock = Clock()
     now = clock.now()
-    echo(f"database: {make_engine(settings.database_url).url.render_as_string(hide_password=True)}")
+    echo(f"database: {settings.database_url} (the demo's own)")
     migrate(settings.database_url)
     engine = make_engine(settings.database_url)
     started = time.time()
+    channels = demo_channels(settings)
     try:
         with engine.begin() as conn:
             _ensure_users(conn)
         report = ingest_lines(Database(engine), [json.dumps(e) for e in _sample_events(str(int(started)), now)])
         echo(f"ingested {report.stored} sample events")
-        with session(engine, settings) as (db, channels):
-            results = run_phases(db, ALL, clock, settings, channels)
+        results = run_phases(Database(engine), ALL, clock, settings, channels)
         for name in ALL:
             echo(f"phase {name}: {json.dumps(results[name])}")
         _show_outcomes(engine, echo)
     finally:
+        channels.close()
         engine.dispose()
-    written = sorted(p for p in Path(settings.outbox_dir).glob("*.eml") if p.stat().st_mtime >= started - 1)
-    echo(f"\n{len(written)} email(s) written to {Path(settings.outbox_dir).resolve()}:")
+    written = sorted(p for pattern in ("*.eml", "*.txt") for p in Path(settings.outbox_dir).glob(pattern)
+                     if p.stat().st_mtime >= started - 1)
+    echo(f"\n{len(written)} message(s) written to {Path(settings.outbox_dir).resolve()}:")
     for path in written:
         echo(f"  {path}")
     return results
