@@ -13,13 +13,13 @@ import sqlalchemy as sa
 
 import alerts
 from alerts.operations.check import DEFAULT_MAX_AGE_SECONDS, MAX_AGE_LIMIT_SECONDS
-from alerts.cli.common import (Fatal, clock_option, instant, load_settings, open_engine, reaching_database,
-                               setup_logging)
+from alerts.cli.common import (CONNECTION_ERRORS, EXIT_UNREACHABLE, Fatal, clock_option, instant, load_settings,
+                               open_engine, reaching_database, setup_logging)
 from alerts.cli.bounce import bounce
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
 from alerts.cli.web import web
-from alerts.core.db import Database, migrate as migrate_db
+from alerts.core.db import Database, connection_problem, migrate as migrate_db
 
 
 @click.group()
@@ -176,14 +176,20 @@ def preview(digest_id, user_id, day, channel, out_dir) -> None:
 
 
 @cli.command()
-@click.option("--outbox", type=click.Path(file_okay=False), help="Where email files go (default ALERTS_OUTBOX_DIR).")
-def demo(outbox: str | None) -> None:
-    """Run the whole pipeline on sample data; email goes to the file outbox."""
+@click.option("--db", "db_path", default="alerts-demo.db", show_default=True, type=click.Path(dir_okay=False),
+              help="The demo's own SQLite file.")
+@click.option("--outbox", default="outbox", show_default=True, type=click.Path(file_okay=False),
+              help="Where every message (email, Telegram, SMS) is written as a file.")
+def demo(db_path: str, outbox: str) -> None:
+    """Run the whole pipeline on sample data, sealed: its own SQLite file, every message
+    to files. Reads no setting: never touches DATABASE_URL, SMTP, Telegram or Twilio."""
     from alerts.operations.demo import run_demo
 
-    settings = load_settings()
-    with reaching_database(settings):
-        run_demo(settings, outbox=outbox, echo=click.echo)
+    try:
+        run_demo(db_path, outbox=outbox, echo=click.echo)
+    except CONNECTION_ERRORS as exc:
+        raise Fatal(f"--db {db_path}: cannot open the demo's database: {connection_problem(exc)}",
+                    EXIT_UNREACHABLE) from None
 
 
 def main() -> None:
