@@ -253,7 +253,7 @@ def apply(engine: Engine, decision: Decision, now: datetime) -> str:
         if address is None:
             return f"nothing done: user {decision.user_id} no longer exists"
         if decision.kind == ARF:
-            return _unsubscribe(conn, decision.user_id, now)
+            return _unsubscribe(conn, decision.user_id)
         return _block(conn, decision, address, now)
 
 
@@ -267,8 +267,8 @@ def _current_email(conn: Connection, user_id: int) -> str | None:
     return conn.execute(query).scalar()
 
 
-def _unsubscribe(conn: Connection, user_id: int, now: datetime) -> str:
-    counts = unsub.unsubscribe(conn, user_id, CHANNEL, now=now)
+def _unsubscribe(conn: Connection, user_id: int) -> str:
+    counts = unsub.unsubscribe(conn, user_id, CHANNEL)
     skipped = counts.get(m.user_alert_deliveries.name, 0) + counts.get(m.user_alert_digests.name, 0)
     log.info("user %s unsubscribed from email by an abuse report", user_id)
     return (f"unsubscribed user {user_id} from email (abuse report): {counts['prefs']} subscription(s) off, "
