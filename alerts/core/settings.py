@@ -39,11 +39,14 @@ MIN_VISIBILITY_TIMEOUT_SECONDS = 10 * max(MAX_COUNTDOWN_SECONDS, INFRA_BACKOFF_M
 
 # Names of settings whose values must never be printed (logs, status, errors).
 SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_token", "secret_key",
-                           "metrics_token"})
+                           "telegram_webhook_secret", "metrics_token"})
 # URL settings that may carry a password (postgresql://user:pw@…, redis://:pw@…).
 URL_FIELDS = frozenset({"database_url", "celery_broker_url", "app_base_url", "telegram_api_base",
                         "twilio_api_base", "ratelimit_redis_url", "public_url"})
 MIN_SECRET_KEY_CHARS = 32
+# SPEC §14.3: Telegram's rules for a webhook's secret_token and for a bot's username.
+TELEGRAM_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+TELEGRAM_USERNAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{3,31}")
 SEVERITIES = (1, 5)
 # ALERTS_METRICS_TOKEN: what an Authorization header can carry (visible ASCII, no spaces).
 METRICS_TOKEN = re.compile(r"[!-~]{1,4096}")
@@ -95,6 +98,9 @@ class Settings:
     email_from: str = "EnergyRiskIQ Alerts <alerts@energyriskiq.com>"
     telegram_bot_token: str | None = field(default=None, repr=False)
     telegram_api_base: str = "https://api.telegram.org"
+    # SPEC §14.3: the bot's username (t.me links) and the webhook's secret token
+    telegram_bot_username: str | None = None
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
     twilio_account_sid: str | None = None
     twilio_auth_token: str | None = field(default=None, repr=False)
     twilio_from: str | None = None
@@ -173,6 +179,10 @@ class Settings:
             email_from=r.text("ALERTS_EMAIL_FROM", cls.email_from),
             telegram_bot_token=r.optional("ALERTS_TELEGRAM_BOT_TOKEN"),
             telegram_api_base=r.http_url("ALERTS_TELEGRAM_API_BASE") or cls.telegram_api_base,
+            telegram_bot_username=r.matching("ALERTS_TELEGRAM_BOT_USERNAME", TELEGRAM_USERNAME,
+                                             "5-32 letters, digits or _, starting with a letter", strip="@"),
+            telegram_webhook_secret=r.matching("ALERTS_TELEGRAM_WEBHOOK_SECRET", TELEGRAM_WEBHOOK_SECRET,
+                                               "1-256 characters of A-Z a-z 0-9 _ -", shown=False),
             twilio_account_sid=r.optional("ALERTS_TWILIO_ACCOUNT_SID"),
             twilio_auth_token=r.optional("ALERTS_TWILIO_AUTH_TOKEN"),
             twilio_from=r.optional("ALERTS_TWILIO_FROM"),
@@ -197,6 +207,9 @@ class Settings:
         if settings.bounce_address and len(settings.secret_key or "") < MIN_SECRET_KEY_CHARS:
             raise ConfigError("ALERTS_SECRET_KEY", f"must be set, at least {MIN_SECRET_KEY_CHARS} characters, when "
                               "ALERTS_BOUNCE_ADDRESS is set (it signs the bounce addresses)")
+        if settings.telegram_webhook_secret and not settings.telegram_bot_token:
+            # The webhook answers in the chat and registers itself with the bot's token.
+            raise ConfigError("ALERTS_TELEGRAM_BOT_TOKEN", "required when ALERTS_TELEGRAM_WEBHOOK_SECRET is set")
         if settings.telegram_bot_token and settings.ratelimit_redis_url is None:
             # Without a Redis to share it in, the Telegram limit would be off: a burst
             # would go out unthrottled into Telegram's 429s.
@@ -329,6 +342,18 @@ class EnvReader:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigError(name, f"unknown IANA time zone {value!r}") from None
+        return value
+
+    def matching(self, name: str, pattern: re.Pattern, rule: str, *, strip: str = "",
+                 shown: bool = True) -> str | None:
+        """An optional value that must match ``pattern`` whole (after removing a leading
+        ``strip``); a secret (``shown=False``) is never echoed in the error."""
+        value = self.optional(name)
+        if value is None:
+            return None
+        value = value[len(strip):] if strip and value.startswith(strip) else value
+        if not pattern.fullmatch(value):
+            raise ConfigError(name, f"must be {rule}" + (f" (got {value!r})" if shown else ""))
         return value
 
     def csv(self, name: str) -> frozenset[str]:

@@ -6,12 +6,18 @@ A token names one user and one channel, nothing else (no address): itsdangerous 
 token made for anything else with the same key does not verify here. It has no expiry:
 a link in a years-old email still works (at least 90 days are promised). The library
 compares signatures in constant time.
+
+A preferences token (the "Manage alerts" link) names one user, every channel, under a
+salt of its own, so neither kind of token verifies as the other. It carries the time it
+was made and is refused after ``PREFERENCES_MAX_AGE`` (a year: every email brings a
+fresh one).
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 import itsdangerous
@@ -20,14 +26,20 @@ from alerts.core import tables as m
 from alerts.core.settings import Settings
 
 SALT = "alerts.unsubscribe.v1"
+PREFERENCES_SALT = "alerts.preferences.v1"
+PREFERENCES_MAX_AGE = timedelta(days=365)
 
 
 class BadToken(ValueError):
     """Malformed, altered, forged, or signed with another key."""
 
 
-def _serializer(secret_key: str) -> itsdangerous.URLSafeSerializer:
-    return itsdangerous.URLSafeSerializer(secret_key, salt=SALT, signer_kwargs={"digest_method": hashlib.sha256})
+class ExpiredToken(BadToken):
+    """Authentic, but older than its kind may be."""
+
+
+def _serializer(secret_key: str, salt: str = SALT) -> itsdangerous.URLSafeSerializer:
+    return itsdangerous.URLSafeSerializer(secret_key, salt=salt, signer_kwargs={"digest_method": hashlib.sha256})
 
 
 def make_token(secret_key: str, user_id: int, channel: str) -> str:
@@ -51,6 +63,35 @@ def unsubscribe_url(settings: Settings, user_id: int, channel: str) -> str | Non
     if not settings.public_url or not settings.secret_key:
         return None
     return f"{settings.public_url}/unsubscribe/{make_token(settings.secret_key, user_id, channel)}"
+
+
+def make_preferences_token(secret_key: str, user_id: int, now: datetime) -> str:
+    """The token of a user's preferences page, made at ``now``."""
+    return _serializer(secret_key, PREFERENCES_SALT).dumps([user_id, int(now.timestamp())])
+
+
+def read_preferences_token(secret_key: str, token: str, now: datetime) -> int:
+    """The user id of a preferences token we signed and made within PREFERENCES_MAX_AGE of
+    ``now``; ExpiredToken when older, BadToken for anything else."""
+    try:
+        payload = _serializer(secret_key, PREFERENCES_SALT).loads(token)
+    except itsdangerous.BadData:
+        raise BadToken("not a valid preferences token") from None
+    if (not isinstance(payload, list) or len(payload) != 2
+            or not all(type(part) is int for part in payload)):  # noqa: E721 (bool is not an id)
+        raise BadToken("not a valid preferences token")
+    made = datetime.fromtimestamp(payload[1], timezone.utc)
+    if now - made > PREFERENCES_MAX_AGE:
+        raise ExpiredToken("this preferences link has expired")
+    return payload[0]
+
+
+def preferences_url(settings: Settings, user_id: int, now: datetime | None = None) -> str | None:
+    """The "Manage alerts" URL, or None when ALERTS_PUBLIC_URL is not set."""
+    if not settings.public_url or not settings.secret_key:
+        return None
+    token = make_preferences_token(settings.secret_key, user_id, now or datetime.now(timezone.utc))
+    return f"{settings.public_url}/preferences/{token}"
 
 
 def email_headers(settings: Settings, stream: str, url: str | None) -> dict[str, str]:

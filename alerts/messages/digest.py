@@ -12,7 +12,7 @@ from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_v
                                     one_line, sort_items, text_env, zone)
 from alerts.messages.collapse import collapse
 from alerts.messages.telegram_fit import fit_telegram
-from alerts.core.tokens import bounce_address, email_headers, unsubscribe_url
+from alerts.core.tokens import bounce_address, email_headers, preferences_url, unsubscribe_url
 
 EMAIL_MAX_ITEMS = 50
 # Per-item caps keep one huge event from crowding every other item out of a Telegram digest.
@@ -90,6 +90,7 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
         "more": max(0, len(ordered) - EMAIL_MAX_ITEMS),
         "app_url": app_link(settings),
         "unsubscribe_url": unsubscribe,
+        "manage_url": preferences_url(settings, digest["user_id"]) if digest.get("user_id") else None,
     }
     return EmailMessage(
         subject=_subject(digest, len(ordered), tz),

@@ -9,7 +9,7 @@ from alerts.messages.types import EmailMessage, Message, TextMessage
 from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, event_view, html_env, one_line,
                                     text_env)
 from alerts.messages.telegram_fit import TELEGRAM_LIMIT, telegram_length, truncate_utf16, utf16_len
-from alerts.core.tokens import bounce_address, email_headers, unsubscribe_url
+from alerts.core.tokens import bounce_address, email_headers, preferences_url, unsubscribe_url
 
 SMS_MAX_CHARS = 320
 SUBJECT_TITLE_MAX = 200
@@ -33,7 +33,8 @@ def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage
     title = truncate_utf16(view.title, SUBJECT_TITLE_MAX)
     # The row's user (outbox.load selects it): the unsubscribe link names them.
     unsubscribe = unsubscribe_url(settings, event["user_id"], "email") if event.get("user_id") else None
-    context = {"e": view, "app_url": app_link(settings), "unsubscribe_url": unsubscribe}
+    context = {"e": view, "app_url": app_link(settings), "unsubscribe_url": unsubscribe,
+               "manage_url": preferences_url(settings, event["user_id"]) if event.get("user_id") else None}
     return EmailMessage(
         subject=one_line(f"[EnergyRiskIQ] {view.label.upper()}: {title}"),
         text=text_env.get_template("instant_email.txt.j2").render(context),

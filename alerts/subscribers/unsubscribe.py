@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from alerts.core import tables as m
+from alerts.core.db import retrying
 from alerts.sending.outbox import skip_queued
 
 log = logging.getLogger(__name__)
@@ -65,12 +67,15 @@ def find(conn: Connection, user_id: int, channel: str) -> Subscriber | None:
     return Subscriber(user_id, channel, row.address, not enabled or any(enabled))
 
 
-def unsubscribe(conn: Connection, user_id: int, channel: str) -> dict[str, int]:
+def unsubscribe(conn: Connection, user_id: int, channel: str, now: datetime | None = None) -> dict[str, int]:
     """Disable the channel's preferences and skip what is queued on it — call it in one
-    transaction. Pending digest items are skipped too, so no digest is built of them."""
+    transaction. Pending digest items are skipped too, so no digest is built of them.
+    The preferences it turns off are marked (``unsubscribed_at``) for ``resubscribe``."""
     p = m.user_alert_prefs
-    counts = {"prefs": conn.execute(sa.update(p).where(p.c.user_id == user_id, p.c.channel == channel)
-                                    .values(enabled=False)).rowcount}
+    now = now or datetime.now(timezone.utc)
+    counts = {"prefs": conn.execute(sa.update(p).where(p.c.user_id == user_id, p.c.channel == channel).values(
+        enabled=False, unsubscribed_at=sa.case((p.c.enabled, sa.literal(now, m.UTCDateTime())),
+                                               else_=p.c.unsubscribed_at))).rowcount}
     counts.update(_skip_queued(conn, user_id, channel))
     return counts
 
@@ -79,11 +84,29 @@ def _skip_queued(conn: Connection, user_id: int, channel: str) -> dict[str, int]
     return skip_queued(conn, user_id, channel, m.UNSUBSCRIBED)
 
 
+def unsubscribe_committed(engine: Engine, user_id: int, channel: str) -> dict[str, int]:
+    """``unsubscribe`` in a transaction of its own, committed; one that meets a deadlock
+    or a dropped connection is run again (``db.retrying``), never shown to the subscriber."""
+    def run() -> dict[str, int]:
+        with engine.begin() as conn:
+            return unsubscribe(conn, user_id, channel)
+
+    return retrying(run, f"unsubscribing user {user_id} on {channel}")
+
+
 def resubscribe(conn: Connection, user_id: int, channel: str) -> int:
-    """Turn the channel's preferences back on; rows already skipped stay skipped."""
+    """Turn back on the channel's preferences that an unsubscribe turned off, not those
+    the subscriber had switched off before; rows already skipped stay skipped. A channel
+    that is off with none so marked (turned off before the marks existed) gets all of
+    its preferences back on."""
     p = m.user_alert_prefs
-    return conn.execute(sa.update(p).where(p.c.user_id == user_id, p.c.channel == channel)
-                        .values(enabled=True)).rowcount
+    on_channel = [p.c.user_id == user_id, p.c.channel == channel]
+    restored = conn.execute(sa.update(p).where(*on_channel, p.c.unsubscribed_at.is_not(None))
+                            .values(enabled=True, unsubscribed_at=None)).rowcount
+    if restored:
+        return restored
+    any_enabled = sa.select(p.c.id).where(*on_channel, p.c.enabled).exists()
+    return conn.execute(sa.update(p).where(*on_channel, ~any_enabled).values(enabled=True)).rowcount
 
 
 def in_flight(conn: Connection, user_id: int, channel: str) -> int:

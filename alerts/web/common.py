@@ -11,7 +11,7 @@ from flask import current_app
 from alerts.core.settings import Settings
 
 # Paths whose next segment is a secret token: cut out of every logged path.
-_TOKEN_IN_PATH = re.compile(r"(/unsubscribe/)[^/?\s]*")
+_TOKEN_IN_PATH = re.compile(r"(/(?:unsubscribe|preferences)/)[^/?\s]*")
 INVALID_LINK = "This unsubscribe link is not valid. Please use the link from one of our emails as it is."
 
 

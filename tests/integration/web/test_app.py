@@ -178,11 +178,14 @@ def test_one_click_again_is_a_harmless_200(client, engine, user):
 def test_the_page_offers_resubscribe_which_turns_preferences_on_and_leaves_skipped_rows(client, engine, user):
     with engine.begin() as conn:
         queued = add_delivery(conn, user, add_event(conn, status="fanned_out"))
-    confirmed = Page(client.post(f"/unsubscribe/{token(user)}", data=ONE_CLICK).get_data(as_text=True))
+    html = client.post(f"/unsubscribe/{token(user)}", data=ONE_CLICK).get_data(as_text=True)
+    confirmed = Page(html)
     assert confirmed.forms == [{"method": "post"}]
     (button,) = confirmed.buttons
     assert "Resubscribe" in confirmed.words
-    response = client.post(f"/unsubscribe/{token(user)}", data={button["name"]: button["value"]})
+    (anti_forgery,) = re.findall(r'<input type="hidden" name="form_token" value="([^"]+)">', html)
+    response = client.post(f"/unsubscribe/{token(user)}", data={button["name"]: button["value"],
+                                                               "form_token": anti_forgery})
     assert response.status_code == 200
     assert "subscribed again" in Page(response.get_data(as_text=True)).words
     assert set(prefs(engine, user).values()) == {True}
