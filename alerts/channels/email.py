@@ -29,6 +29,7 @@ from pathlib import Path
 
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import describe, redact
+from alerts.core import tables as m
 from alerts.core.settings import Settings
 from alerts.messages import EmailMessage
 
@@ -47,6 +48,9 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 ftext
 _STRUCTURE_HEADERS = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
 # SMTP 5xx answers to RCPT that say the mailbox itself is gone (SPEC §11.3).
 RECIPIENT_GONE_CODES = frozenset({550, 551, 553})
+# Answers that refuse our credentials, not the message: authentication required (530),
+# mechanism too weak (534), credentials invalid (535), encryption required for it (538).
+CREDENTIALS_REFUSED_CODES = frozenset({530, 534, 535, 538})
 _SMTPUTF8_MISSING = ("One or more source or delivery addresses require internationalized email support, "
                      "but the server does not advertise the required SMTPUTF8 capability")
 
@@ -184,15 +188,18 @@ class SmtpEmailChannel(Channel):
                 self._deliver(sender, recipient, mime, international)
             except smtplib.SMTPServerDisconnected as exc:
                 # The kept connection went stale (the server closed it while idle):
-                # reconnect once. Not after a timeout: the server may still be busy
-                # accepting this very message, and a resend could deliver it twice.
-                if not reused or _timed_out(exc):
+                # reconnect once — only when none of the message was written to it. Not
+                # after a timeout, nor once its data went out: the server may have taken
+                # (or still be taking) this very message, and a resend could deliver it
+                # twice. That attempt is a transient failure; the retry carries the same
+                # Message-ID, so a receiver can drop a copy.
+                if not reused or _timed_out(exc) or _data_sent(self._smtp):
                     raise
                 self._drop()
                 self._deliver(sender, recipient, mime, international)
         except Exception as exc:  # classified below; anything unknown (a bug) is re-raised
             secrets = smtp_secrets(self._settings.smtp_user, self._settings.smtp_password)
-            error = classify(exc, secrets=secrets)
+            error = classify(exc, secrets=secrets, data_sent=_data_sent(self._smtp))
             if error is None or not _connection_survives(exc, self._smtp):
                 self._drop()  # the next send starts on a fresh connection
             if error is None:
@@ -214,6 +221,7 @@ class SmtpEmailChannel(Channel):
     def _deliver(self, sender: str, recipient: str, mime: bytes, international: bool) -> None:
         if self._smtp is None:
             self._smtp = self._connect()
+        self._smtp.data_sent = False
         options: tuple[str, ...] = ()
         if international:  # what smtplib's send_message does for such addresses
             self._smtp.ehlo_or_helo_if_needed()
@@ -227,14 +235,14 @@ class SmtpEmailChannel(Channel):
         # Only a TLS connection needs a context: making one loads the system's CA certificates.
         context = None if s.smtp_tls == "none" else self._ssl_context or ssl.create_default_context()
         if s.smtp_tls == "ssl":
-            smtp = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds, context=context)
+            smtp = _TrackedSMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds, context=context)
         else:
-            smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds)
+            smtp = _TrackedSMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds)
         try:
             if s.smtp_tls == "starttls":
                 smtp.starttls(context=context)
             if s.smtp_user:
-                smtp.login(s.smtp_user, s.smtp_password or "")
+                _login(smtp, s.smtp_user, s.smtp_password or "")
         except BaseException:
             smtp.close()
             raise
@@ -247,6 +255,45 @@ class SmtpEmailChannel(Channel):
             smtp.close()
 
 
+class _DataTracking:
+    """An SMTP connection that knows whether any of the current message's data has been
+    handed to its socket: smtplib writes commands as text and the message (DATA's
+    content) as bytes. Set before the write, so a write that fails half-way counts."""
+
+    data_sent = False
+
+    def send(self, s):
+        if isinstance(s, bytes):
+            self.data_sent = True
+        return super().send(s)
+
+
+class _TrackedSMTP(_DataTracking, smtplib.SMTP):
+    pass
+
+
+class _TrackedSMTP_SSL(_DataTracking, smtplib.SMTP_SSL):
+    pass
+
+
+def _data_sent(smtp: smtplib.SMTP | None) -> bool:
+    return bool(getattr(smtp, "data_sent", False))
+
+
+class LoginImpossible(smtplib.SMTPException):
+    """The server offers no way to log in with what we have (no AUTH, no common
+    mechanism): our configuration's fault, like a wrong password."""
+
+
+def _login(smtp: smtplib.SMTP, user: str, password: str) -> None:
+    try:
+        smtp.login(user, password)
+    except (smtplib.SMTPResponseException, smtplib.SMTPServerDisconnected):
+        raise  # a refusal (535 …) is classified by its code; a drop is network trouble
+    except smtplib.SMTPException as exc:
+        raise LoginImpossible(str(exc)) from exc
+
+
 def smtp_secrets(user: str | None, password: str | None) -> tuple[str, ...]:
     """The password and the AUTH PLAIN / AUTH LOGIN strings that carry it, as a server
     might echo them in a reply."""
@@ -257,21 +304,29 @@ def smtp_secrets(user: str | None, password: str | None) -> tuple[str, ...]:
     return (password, plain, login)
 
 
-def classify(exc: Exception, *, secrets: tuple[str, ...] = ()) -> DeliveryError | None:
-    """SMTP 4xx ⇒ transient, 5xx ⇒ permanent (with the server's words); network trouble
-    ⇒ transient. None for exceptions that are not about delivery (bugs). ``secrets`` are
-    masked in the server's words before they are shortened."""
+def classify(exc: Exception, *, secrets: tuple[str, ...] = (), data_sent: bool = False) -> DeliveryError | None:
+    """SMTP 4xx ⇒ transient, 5xx ⇒ permanent (with the server's words); a refusal of our
+    credentials (530/534/535/538, no way to log in) and network trouble ⇒ transient.
+    None for exceptions that are not about delivery (bugs). ``secrets`` are masked in
+    the server's words before they are shortened. ``data_sent``: the message's data had
+    gone out when the connection was lost (it may have arrived)."""
     code, text = _smtp_reply(exc, secrets)
     if code is not None:
         reason = f"smtp {code} {text}".rstrip()
+        if code in CREDENTIALS_REFUSED_CODES:
+            return DeliveryError(m.credentials_refused(reason))
         gone = isinstance(exc, smtplib.SMTPRecipientsRefused) and code in RECIPIENT_GONE_CODES
         return DeliveryError(reason, permanent=500 <= code < 600, gone=gone)
+    if isinstance(exc, LoginImpossible):
+        return DeliveryError(m.credentials_refused(f"smtp: cannot log in: {describe(exc, *secrets)}"))
     if isinstance(exc, smtplib.SMTPNotSupportedError):  # e.g. no STARTTLS, no SMTPUTF8
         return DeliveryError(f"smtp: {describe(exc, *secrets)}", permanent=True)
     if isinstance(exc, ConnectionRefusedError):
         return DeliveryError("smtp: connection refused")
     if _timed_out(exc):
         return DeliveryError("smtp: no answer in time (timeout)")
+    if isinstance(exc, smtplib.SMTPServerDisconnected) and data_sent:
+        return DeliveryError("smtp: connection lost after the message's data, before the server's answer")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return DeliveryError("smtp: server closed the connection")
     if isinstance(exc, OSError):  # DNS, reset, TLS handshake or certificate

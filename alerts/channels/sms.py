@@ -1,14 +1,19 @@
 """Instant SMS through Twilio's Messages resource (form POST, basic auth).
 
-2xx ⇒ accepted; 429 and 5xx ⇒ transient (honouring Retry-After); any other 4xx ⇒
-permanent with Twilio's error ``code`` and ``message`` (e.g. 21211, invalid number).
+2xx ⇒ accepted; 429 and 5xx ⇒ transient (honouring Retry-After); 401/403 ⇒ our
+account's credentials were refused (a wrong token, a suspended account): transient, the
+rows wait for the operator; any other 4xx ⇒ permanent with Twilio's error ``code`` and
+``message`` (e.g. 21211, invalid number).
 """
 from __future__ import annotations
 
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import HttpClient, basic_auth_forms, describe, redact, retry_after_seconds
+from alerts.core import tables as m
 from alerts.core.settings import Settings
 from alerts.messages import Message
+
+CREDENTIALS_REFUSED_STATUSES = frozenset({401, 403})
 
 
 class TwilioSmsChannel(Channel):
@@ -52,4 +57,6 @@ def classify(status: int, body: object, http_reason: str | None = None,
     reason = f"twilio {status}{f' {code}' if code else ''}: {describe(text, *secrets)}"
     if status == 429 or status >= 500:
         return DeliveryError(reason, retry_after=retry_after_seconds(retry_after_header))
+    if status in CREDENTIALS_REFUSED_STATUSES:
+        return DeliveryError(m.credentials_refused(reason))
     return DeliveryError(reason, permanent=400 <= status < 500)

@@ -21,6 +21,7 @@ import requests
 
 from alerts.channels import Channel, DeliveryError
 from alerts.channels.http import HttpClient, describe, redact, retry_after_seconds
+from alerts.core import tables as m
 from alerts.core.settings import Settings
 from alerts.messages import Message
 
@@ -85,7 +86,7 @@ def classify(status: int, body: object, retry_after_header: str | None = None, *
     if code in (400, 403) and isinstance(description, str) and DESTINATION_GONE.search(description):
         return DeliveryError(reason, gone=True)
     if code == 401:  # the bot token is wrong or revoked: fix the setting, the rows wait
-        return DeliveryError(reason)
+        return DeliveryError(m.credentials_refused(reason))
     return DeliveryError(reason, permanent=400 <= code < 500)
 
 

@@ -33,6 +33,16 @@ UNSUBSCRIBED = "unsubscribed"
 # followed by the exception's type; `alerts check` reports these.
 INTERNAL_ERROR = "internal error:"
 
+# A refusal of our own credentials — SMTP 530/535, Twilio 401/403, Telegram 401: the
+# operator's to fix, never the recipients' fault, so transient (the rows wait) and never
+# a block. Starts last_error, the provider's words follow; `alerts check` reports these.
+CREDENTIALS_REFUSED = "credentials refused:"
+
+
+def credentials_refused(reason: str) -> str:
+    return f"{CREDENTIALS_REFUSED} {reason}"
+
+
 DESTINATION_DISABLED = "destination_disabled"  # §11.3: the block's reason follows
 
 

@@ -387,7 +387,10 @@ REPLY_TABLE = [
     (smtplib.SMTPSenderRefused(553, b"5.7.1 sender rejected", "a@x"),       True,  "smtp 553 5.7.1 sender rejected"),
     (smtplib.SMTPDataError(554, b"5.7.1 spam"),                              True,  "smtp 554 5.7.1 spam"),
     (smtplib.SMTPDataError(451, b"4.3.0 try later"),                         False, "smtp 451 4.3.0 try later"),
-    (smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"),         True,  "smtp 535 5.7.8 bad credentials"),
+    (smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"),         False,
+     "credentials refused: smtp 535 5.7.8 bad credentials"),
+    (smtplib.SMTPSenderRefused(530, b"5.7.0 Authentication required", "a@x"), False,
+     "credentials refused: smtp 530 5.7.0 Authentication required"),
     (smtplib.SMTPConnectError(421, b"busy"),                                 False, "smtp 421 busy"),
     (smtplib.SMTPServerDisconnected("Connection unexpectedly closed"),      False, "smtp: server closed the connection"),
     (ConnectionRefusedError(111, "Connection refused"),                     False, "smtp: connection refused"),
@@ -434,12 +437,13 @@ def test_it_logs_in_when_a_user_is_set(channel_settings, auth_server):
     assert len(auth_server.messages) == 1
 
 
-def test_it_fails_permanently_on_bad_credentials_without_showing_the_password(channel_settings, auth_server):
+def test_bad_credentials_are_a_transient_failure_that_never_shows_the_password(channel_settings, auth_server):
+    """Our wrong password is not the recipients' fault: the rows wait for the operator."""
     settings = replace(channel_settings, smtp_port=auth_server.port, smtp_user="alerts", smtp_password=PASSWORD + "x")
     with pytest.raises(DeliveryError) as err:
         SmtpEmailChannel(settings).send("alice@example.com", MESSAGE)
-    assert err.value.permanent
-    assert err.value.reason.startswith("smtp 535")
+    assert not err.value.permanent and not err.value.gone
+    assert err.value.reason.startswith("credentials refused: smtp 535")
     assert PASSWORD not in err.value.reason
 
 

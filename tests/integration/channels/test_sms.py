@@ -66,11 +66,12 @@ def test_it_retries_server_errors(channel, provider_api):
     assert error.retry_after is None
 
 
-def test_it_fails_permanently_on_wrong_credentials_without_showing_the_token(channel_settings, provider_api):
+def test_wrong_credentials_are_a_transient_failure_that_never_shows_the_token(channel_settings, provider_api):
+    """Our account's credentials are not the recipients' fault: the rows wait for the operator."""
     channel = TwilioSmsChannel(replace(channel_settings, twilio_auth_token="wrong-SECRET-token"))
     error = failure(channel)
-    assert error.permanent
-    assert error.reason == "twilio 401 20003: Authenticate"
+    assert not error.permanent and not error.gone
+    assert error.reason == "credentials refused: twilio 401 20003: Authenticate"
     assert "wrong-SECRET-token" not in everything_said(error)
 
 
@@ -98,6 +99,10 @@ def test_it_retries_a_refused_connection_without_showing_the_token(channel_setti
     (400, {"code": 21610, "message": "Attempt to send to unsubscribed recipient"}, "Bad Request", None,
      (True, None, "twilio 400 21610: Attempt to send to unsubscribed recipient")),
     (404, None, "Not Found", None, (True, None, "twilio 404: Not Found")),
+    (401, {"code": 20003, "message": "Authenticate"}, "Unauthorized", None,
+     (False, None, "credentials refused: twilio 401 20003: Authenticate")),
+    (403, {"code": 20003, "message": "Permission Denied"}, "Forbidden", None,
+     (False, None, "credentials refused: twilio 403 20003: Permission Denied")),
     (429, {"code": 20429, "message": "Too Many Requests"}, "Too Many Requests", "5",
      (False, 5.0, "twilio 429 20429: Too Many Requests")),
     (429, None, "Too Many Requests", "soon", (False, None, "twilio 429: Too Many Requests")),

@@ -105,7 +105,7 @@ def test_a_wrong_token_is_a_transient_failure_that_never_names_it(channel_settin
     channel = TelegramChannel(replace(channel_settings, telegram_bot_token="999:WRONG-SECRET"))
     error = failure(channel)
     assert not error.permanent and not error.gone
-    assert error.reason == "telegram 401: Unauthorized"
+    assert error.reason == "credentials refused: telegram 401: Unauthorized"
     assert "WRONG-SECRET" not in everything_said(error)
 
 
@@ -169,7 +169,7 @@ CLASSIFY_TABLE = [
     (502, None, None, (False, None, "telegram 502: unexpected answer (HTTP 502, no JSON)")),
     (404, None, None, (True, None, "telegram 404: unexpected answer (HTTP 404, no JSON)")),
     (200, None, None, (False, None, "telegram 200: unexpected answer (HTTP 200, no JSON)")),
-    (401, api_error(401, "Unauthorized"), None, (False, None, "telegram 401: Unauthorized")),
+    (401, api_error(401, "Unauthorized"), None, (False, None, "credentials refused: telegram 401: Unauthorized")),
     (403, api_error(403, "Forbidden: bot can't initiate conversation with a user"), None,
      (True, None, "telegram 403: Forbidden: bot can't initiate conversation with a user")),
 ]

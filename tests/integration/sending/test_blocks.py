@@ -158,7 +158,7 @@ def test_a_telegram_401_is_retried_later_and_blocks_nothing(engine, live_setting
 
     with engine.connect() as conn:
         row = conn.execute(sa.select(m.user_alert_deliveries).where(m.user_alert_deliveries.c.id == delivery)).one()
-    assert (row.status, row.attempts, row.last_error) == ("queued", 1, "telegram 401: Unauthorized")
+    assert (row.status, row.attempts, row.last_error) == ("queued", 1, "credentials refused: telegram 401: Unauthorized")
     assert row.next_retry_at >= now + timedelta(seconds=live_settings.retry_base_seconds / 2)
     assert blocks_in(engine) == []
 

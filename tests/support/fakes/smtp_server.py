@@ -9,6 +9,7 @@ Messages are kept as raw bytes and parsed on first access, so thousands of sends
     server.reject_recipient("gone@example.com")    # 550 5.1.1 mailbox unavailable
     server.data_delay = 1.0                        # answer DATA after a second
     server.drop_connections()                      # close every open session
+    server.drop_after_data(times=1)                # take the next message, then hang up unanswered
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class _Script:
     data: list[_Failure] = field(default_factory=list)
     recipients: dict[str, str] = field(default_factory=dict)  # lower-cased address -> reply
     data_delay: float = 0.0
+    drops: list[_Failure] = field(default_factory=list)  # hang up after taking a message's data
 
 
 def _take(failures: list[_Failure]) -> str | None:
@@ -107,6 +109,9 @@ class _Handler:
             self.server._received.append(ReceivedMail(
                 envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content or envelope.content),
                 session.peer, smtp.transport.get_extra_info("ssl_object") is not None))
+            drop = _take(self.server._script.drops)
+        if drop:
+            smtp.transport.close()  # the message is taken; the client never hears so
         return "250 2.0.0 OK queued"
 
 
@@ -245,6 +250,12 @@ class FakeSmtpServer:
         """Answer RCPT TO for this address with ``reply`` until reset."""
         with self._lock:
             self._script.recipients[address.lower()] = reply
+
+    def drop_after_data(self, times: int | None = 1) -> None:
+        """Take the next ``times`` messages, then close the connection before answering
+        their DATA: the client cannot tell whether they arrived (they did)."""
+        with self._lock:
+            self._script.drops.append(_Failure("drop", times))
 
     @property
     def data_delay(self) -> float:
