@@ -2,6 +2,7 @@
 monitors reach over HTTP. Each concern is a blueprint of its own module:
 
     unsubscribe.py   GET/POST /unsubscribe/<token>: one-click unsubscribe (RFC 8058)
+    metrics.py       GET /metrics: the queues for Prometheus (ALERTS_METRICS_TOKEN)
     preferences.py   GET/POST /preferences/<token>: the subscriber's preferences page
     telegram.py      POST /telegram/webhook: the Telegram bot
     (this module)    GET /healthz: {"database": "ok"} or 503
@@ -22,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from alerts.core.db import make_engine
 from alerts.core.settings import MIN_SECRET_KEY_CHARS, ConfigError, Settings
 from alerts.web import preferences, telegram, unsubscribe
+from alerts.web import metrics
 from alerts.web.common import INVALID_LINK, WebContext, redact_path
 
 __all__ = ["create_app", "check_secret_key", "redact_path", "MAX_BODY_BYTES"]
@@ -66,6 +68,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> Flask:
     app.jinja_env.autoescape = True  # every template, whatever its name
     app.extensions["alerts"] = WebContext(settings, engine, secret_key)
     app.register_blueprint(unsubscribe.blueprint)
+    app.register_blueprint(metrics.blueprint)
     app.register_blueprint(preferences.blueprint)
     app.register_blueprint(telegram.blueprint)
 

@@ -18,9 +18,10 @@ LAYERS = {
     "channels": 3,
     "sending": 4,
     "phases": 5, "subscribers": 5,
-    "operations": 6, "web": 6, "celery": 6,
-    "cli": 7,
-    "": 8,  # entry points at the top: runner, __main__
+    "operations": 6, "celery": 6,
+    "web": 7,  # pages over subscribers/, /metrics over operations/
+    "cli": 8,
+    "": 9,  # entry points at the top: runner, __main__
 }
 
 
