@@ -182,7 +182,7 @@ def retrying(write: Callable[[], T], what: str) -> T:
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             if pause is None:
                 raise
-            log.warning("%s: database unreachable (%s); trying again in %ss", what, type(exc.orig).__name__, pause)
+            log.warning("%s: database error (%s); trying again in %ss", what, type(exc.orig).__name__, pause)
             time.sleep(pause)
     raise AssertionError("unreachable")
 

@@ -34,7 +34,7 @@ from alerts.core import tables as m
 from alerts.channels.registry import ChannelSet
 from alerts.core.clock import Clock
 from alerts.core.settings import Settings
-from alerts.core.db import Database, is_postgres
+from alerts.core.db import Database, is_postgres, retrying
 from alerts.policy.windows import format_window_start, resolve_send_time, resolve_timezone, windows_between
 
 BUCKET_SECONDS = 3600  # windows of any zone start and end inside the UTC hours they overlap
@@ -78,14 +78,29 @@ _groups = sa.Table(
     sa.Column("next_sequence", sa.Integer, nullable=False, server_default="0"),
     prefixes=["TEMPORARY"],
 )
-_SCRATCH_TABLES = (_pending, _windows, _groups)
+# The open digests of the groups, as this run locked them: only these may gain items.
+_open_digests = sa.Table(
+    "digest_build_open", _scratch,
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("period", sa.Text, nullable=False),
+    sa.Column("window_start", m.UTCDateTime, nullable=False),
+    sa.Column("window_end", m.UTCDateTime, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+_SCRATCH_TABLES = (_pending, _windows, _groups, _open_digests)
 
 
 def run_phase_d(db: Database, clock: Clock, settings: Settings, channels: ChannelSet) -> dict:
-    """Build digests from pending digest deliveries. The caller holds the phase lock."""
-    with db.transaction() as conn:
-        _skip_unsupported(conn)
-        return _build(conn, clock.now(), settings)
+    """Build digests from pending digest deliveries. The caller holds the phase lock. A
+    transaction that meets a deadlock (or a dropped connection) is run again whole."""
+    def build() -> dict:
+        with db.transaction() as conn:
+            _skip_unsupported(conn)
+            return _build(conn, clock.now(), settings)
+
+    return retrying(build, "phase d")
 
 
 def _skip_unsupported(conn: Connection) -> None:
@@ -211,26 +226,41 @@ def _same_window(a, b) -> sa.ColumnElement:
 
 
 def _resolve_existing(conn: Connection) -> None:
-    """For each group: its open digest (locked on PostgreSQL until commit, so no sender
-    can claim it meanwhile), and the sequence a new digest for its window would get."""
-    g, grp = m.user_alert_digests, _groups
-    if is_postgres(conn):
-        locked = (sa.select(g.c.id).select_from(g.join(grp, _same_window(g, grp)))
-                  .where(_open(g)).with_for_update(of=g))
-        conn.execute(sa.select(sa.func.count()).select_from(locked.subquery()))
+    """For each group: its open digest, and the sequence a new digest for its window would get.
+
+    The open digests are locked (PostgreSQL) and *recorded* by one statement, and only
+    those recorded may gain items: a digest that was ``sending`` when they were locked
+    and whose claim is given back before the next statement (half lease,
+    ``--max-seconds``) looks open again, yet is not locked — a sender could claim and
+    send it before our items commit. It gets no item; its window gets a follow-up."""
+    g, grp, o = m.user_alert_digests, _groups, _open_digests
+    lock_open_digests(conn)
     existing = (
         sa.select(grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start,
-                  # Same start, other end: another send time's window (two send times in
-                  # one spring-forward gap); its digest is not this window's.
-                  sa.func.max(sa.case((sa.and_(_open(g), g.c.window_end == grp.c.window_end), g.c.id)))
-                  .label("open_id"),
                   sa.func.max(g.c.sequence).label("max_sequence"))
         .select_from(grp.join(g, _same_window(g, grp)))
         .group_by(grp.c.user_id, grp.c.channel, grp.c.period, grp.c.window_start)
         .subquery("existing")
     )
+    # Same start, other end: another send time's window (two send times in one
+    # spring-forward gap); its digest is not this window's.
+    open_id = (sa.select(sa.func.max(o.c.id)).where(_same_window(o, grp), o.c.window_end == grp.c.window_end)
+               .scalar_subquery())
     conn.execute(sa.update(grp).where(_same_window(grp, existing))
-                 .values(digest_id=existing.c.open_id, next_sequence=existing.c.max_sequence + 1))
+                 .values(digest_id=open_id, next_sequence=existing.c.max_sequence + 1))
+
+
+def lock_open_digests(conn: Connection) -> None:
+    """Record the groups' open digests, locked on PostgreSQL until commit so that no
+    sender claims them meanwhile (senders claim with SKIP LOCKED and pass over them)."""
+    g, grp, o = m.user_alert_digests, _groups, _open_digests
+    source = (sa.select(g.c.id, g.c.user_id, g.c.channel, g.c.period, g.c.window_start, g.c.window_end)
+              .select_from(g.join(grp, _same_window(g, grp))).where(_open(g)).distinct())
+    if is_postgres(conn):
+        source = (sa.select(g.c.id, g.c.user_id, g.c.channel, g.c.period, g.c.window_start, g.c.window_end)
+                  .where(_open(g), g.c.id.in_(sa.select(g.c.id).select_from(g.join(grp, _same_window(g, grp)))))
+                  .with_for_update(of=g))
+    conn.execute(sa.insert(o).from_select([c.name for c in o.c], source))
 
 
 def _insert_digests(conn: Connection, now: datetime) -> int:

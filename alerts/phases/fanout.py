@@ -189,6 +189,10 @@ def _mark_fanned_out(conn: Connection) -> int:
     ).rowcount
 
 
+# Advisory lock names of stories being superseded (hashed to a 64-bit key with the name).
+COLLAPSE_LOCK_PREFIX = "alerts.collapse:"
+
+
 def _supersede(conn: Connection) -> int:
     """§10.3 for instant deliveries: in every (user, channel, collapse_key) an event of
     this run was delivered to, each ``queued`` instant delivery of an event older than the
@@ -200,10 +204,20 @@ def _supersede(conn: Connection) -> int:
     a sender has claimed meanwhile is waited for and then left alone (it is ``sending``),
     and a row this UPDATE holds is passed over by senders (SKIP LOCKED) and then found
     ``skipped``. So a supersede racing a send of the older row leaves either both sent or
-    the older skipped — never neither."""
+    the older skipped — never neither.
+
+    Two fan-outs at once of one story (the event-driven path beside Phase B) would each
+    miss the other's uncommitted deliveries: each first takes a transaction lock per
+    collapse_key of its events (PostgreSQL advisory locks, in key order), so the second
+    supersedes only after the first has committed, and sees its deliveries."""
     e, d, ae = _events, m.user_alert_deliveries, m.alert_events
     if conn.execute(sa.select(e.c.id).where(e.c.collapse_key.is_not(None)).limit(1)).first() is None:
         return 0
+    if is_postgres(conn):
+        keys = (sa.select(e.c.collapse_key).where(e.c.collapse_key.is_not(None)).distinct()
+                .order_by(e.c.collapse_key).subquery("keys"))
+        conn.execute(sa.select(sa.func.count(sa.func.pg_advisory_xact_lock(
+            sa.func.hashtextextended(COLLAPSE_LOCK_PREFIX + keys.c.collapse_key, 0)))).select_from(keys))
     instant = d.c.delivery_kind == m.INSTANT
     # The (user, channel, key) groups this run's events were delivered to.
     touched = (sa.select(d.c.user_id, d.c.channel, e.c.collapse_key).distinct()

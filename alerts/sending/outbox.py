@@ -273,14 +273,17 @@ def recover(conn: Connection, now: datetime, settings: Settings) -> dict[str, in
 
 def skip_queued(conn: Connection, user_id: int, channel: str, reason: str, *where: sa.ColumnElement,
                 digest_deliveries: bool = True) -> dict[str, int]:
-    """Make the user's ``queued`` rows on ``channel`` ``skipped`` with ``reason`` — instant
-    deliveries (and, with ``digest_deliveries``, digest deliveries not yet in a digest),
-    then digests; rows already ``sending`` are never touched. Counts per table.
+    """Make the user's ``queued`` rows on ``channel`` ``skipped`` with ``reason`` — digests,
+    then instant deliveries (and, with ``digest_deliveries``, digest deliveries not yet in
+    a digest); rows already ``sending`` are never touched. Counts per table.
 
-    Deliveries before digests: a Phase D commit waited for on the first statement (its
-    digest holds deliveries we would skip) is then visible to the second."""
+    Digests before deliveries, the order Phase D locks them in: the other order would let
+    an unsubscribe and a Phase D each wait for the other (a deadlock). Meeting a Phase D
+    on its digest, this waits for its commit; the deliveries it batched are then no
+    longer queued, the rest are skipped here, and a digest it created meanwhile is
+    skipped by the sender's own check (``_unsubscribed``, read after its claim)."""
     counts = {}
-    for table in (m.user_alert_deliveries, m.user_alert_digests):
+    for table in (m.user_alert_digests, m.user_alert_deliveries):
         conditions = [table.c.user_id == user_id, table.c.channel == channel, table.c.status == m.QUEUED, *where]
         if table is m.user_alert_deliveries and not digest_deliveries:
             conditions.append(table.c.delivery_kind == m.INSTANT)
