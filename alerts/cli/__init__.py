@@ -18,6 +18,8 @@ from alerts.cli.common import (CONNECTION_ERRORS, EXIT_UNREACHABLE, Fatal, clock
 from alerts.cli.bounce import bounce
 from alerts.cli.destinations import destinations
 from alerts.cli.run import run
+from alerts.cli.telegram import telegram
+from alerts.cli.users import users
 from alerts.cli.web import web
 from alerts.core.db import Database, connection_problem, migrate as migrate_db
 
@@ -43,6 +45,8 @@ cli.add_command(run)
 cli.add_command(destinations)
 cli.add_command(web)
 cli.add_command(bounce)
+cli.add_command(users)
+cli.add_command(telegram)
 
 
 @cli.command()

@@ -1,4 +1,6 @@
-"""`alerts status`: what is queued, stuck or failing, for an operator at a glance."""
+"""`alerts status`: what is queued, stuck or failing, for an operator at a glance —
+including why rows were skipped or failed, counted by reason (a channel not configured,
+an unsubscribe, a refusal of our credentials, a bug), so silence never looks like health."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -8,8 +10,11 @@ from sqlalchemy.engine import Engine
 
 from alerts.sending import blocks
 from alerts.core import tables as m
+from alerts.phases.intake import CREATED_AT_FROM, CREATED_AT_UNTIL
 
 RECENT_ERRORS = 10
+REASONS_SHOWN = 10  # per table and status; the rest are summed as other reasons
+OTHER_REASONS = "(other reasons)"
 
 
 def _tables():
@@ -25,9 +30,10 @@ def collect(engine: Engine, now: datetime) -> dict:
             counts = conn.execute(sa.select(table.c.status, sa.func.count()).group_by(table.c.status)).all()
             report["tables"][table.name] = dict(sorted(counts))
             pending = ("new", "ready") if table is m.alert_events else (m.QUEUED, m.SENDING)
-            oldest = conn.execute(
-                sa.select(sa.func.min(table.c.created_at)).where(table.c.status.in_(pending))
-            ).scalar()
+            where = [table.c.status.in_(pending)]
+            if table is m.alert_events:  # a producer's infinity (not yet rejected) is no age; the driver cannot read it
+                where += [table.c.created_at >= CREATED_AT_FROM, table.c.created_at < CREATED_AT_UNTIL]
+            oldest = conn.execute(sa.select(sa.func.min(table.c.created_at)).where(*where)).scalar()
             report["oldest_pending"][table.name] = (
                 None if oldest is None else round((now - oldest).total_seconds())
             )
@@ -44,8 +50,29 @@ def collect(engine: Engine, now: datetime) -> dict:
         ).mappings()
         report["recently_rejected_events"] = [dict(row) for row in rejected]
         report["blocked_destinations"] = blocks.counts(conn)  # §11.6: in force, by channel and reason
+        report["by_reason"] = {table.name: _by_reason(conn, table)
+                               for table in (m.user_alert_deliveries, m.user_alert_digests)}
         report["held_by_quiet_hours"] = _held(conn, now)
     return report
+
+
+def _by_reason(conn, table: sa.Table) -> dict[str, dict[str, int]]:
+    """For ``skipped`` and ``failed``: how many rows per reason, most first. Reasons that
+    name one event (``superseded by #123``) count as one reason; past the first
+    ``REASONS_SHOWN`` of a status the rest are summed as ``(other reasons)``."""
+    t = table.c
+    superseded = t.last_error.startswith(m.SUPERSEDED_BY, autoescape=True)
+    reason = sa.case((superseded, m.SUPERSEDED_BY + "…"), else_=sa.func.coalesce(t.last_error, "(none)"))
+    rows = conn.execute(sa.select(t.status, reason.label("reason"), sa.func.count().label("n"))
+                        .where(t.status.in_((m.SKIPPED, m.FAILED))).group_by(t.status, reason)).all()
+    found: dict[str, dict[str, int]] = {}
+    for status in (m.SKIPPED, m.FAILED):
+        ranked = sorted(((r.reason, r.n) for r in rows if r.status == status), key=lambda item: (-item[1], item[0]))
+        if ranked:
+            found[status] = dict(ranked[:REASONS_SHOWN])
+            if len(ranked) > REASONS_SHOWN:
+                found[status][OTHER_REASONS] = sum(n for _, n in ranked[REASONS_SHOWN:])
+    return found
 
 
 def _held(conn, now: datetime) -> dict:
@@ -69,6 +96,10 @@ def render(report: dict) -> str:
     if held and held["count"]:
         lines.append(f"instant deliveries held by quiet hours: {held['count']}"
                      f" (earliest release {held['earliest_release']:%Y-%m-%d %H:%M:%S} UTC)")
+    for name, statuses in report.get("by_reason", {}).items():
+        for status, reasons in statuses.items():
+            lines.append(f"{name} {status} by reason:")
+            lines += [f"  {n:>7}  {printable(reason)}" for reason, n in reasons.items()]
     if report["recent_errors"]:
         lines.append("recent errors:")
         lines += [f"  {e['table']} #{e['id']} {e['status']} after {e['attempts']} attempt(s): "

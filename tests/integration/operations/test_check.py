@@ -7,7 +7,10 @@ from datetime import timedelta
 
 from click.testing import CliRunner
 
+from alerts.channels.registry import build_channels
 from alerts.cli import cli
+from alerts.phases.pipeline import run_phases
+from tests.support.clock import clock_at
 from tests.support.factories import WINDOW_END, add_delivery, add_digest, add_event, add_user
 
 NOW = WINDOW_END + timedelta(hours=1)
@@ -107,3 +110,97 @@ def test_a_bad_now_exits_2_naming_it(db_url):
     result = CliRunner().invoke(cli, ["check", "--now", "yesterday"], env={"DATABASE_URL": db_url})
     assert result.exit_code == 2
     assert "--now" in result.output
+
+
+# --- silence is not health: rows created within --max-age that went wrong quietly ----------------
+
+def test_rows_skipped_because_their_channel_is_not_configured_are_a_problem(db, db_url):
+    with db.transaction() as conn:
+        user = add_user(conn)
+        for _ in range(2):
+            add_delivery(conn, user, add_event(conn), status="skipped", created_at=LATELY,
+                         last_error="email not configured: ALERTS_SMTP_HOST is not set")
+        add_digest(conn, user, channel="telegram", status="skipped", created_at=LATELY,
+                   last_error="telegram not configured: ALERTS_TELEGRAM_BOT_TOKEN is not set")
+        # Long ago, or skipped for another reason: not this problem.
+        add_delivery(conn, user, add_event(conn), status="skipped", created_at=LONG_AGO,
+                     last_error="email not configured: ALERTS_SMTP_HOST is not set")
+        add_delivery(conn, user, add_event(conn), status="skipped", created_at=LATELY, last_error="unsubscribed")
+    result = check(db_url)
+    assert result.exit_code == 1
+    assert result.output == ("unconfigured channels: 3 row(s) created in the last 900s skipped because their "
+                             "channel is not configured (email 2, telegram 1)\n")
+
+
+def test_rows_failed_by_an_internal_error_are_a_problem(db, db_url):
+    with db.transaction() as conn:
+        user = add_user(conn)
+        add_delivery(conn, user, add_event(conn), status="failed", created_at=LATELY, attempts=1,
+                     last_error="internal error: KeyError")
+        add_digest(conn, user, status="failed", created_at=LATELY, last_error="internal error: UndefinedError")
+        add_delivery(conn, user, add_event(conn), status="failed", created_at=LATELY,
+                     last_error="smtp 554 5.7.1 message content rejected")
+    result = check(db_url, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)["problems"] == [
+        {"kind": "internal_errors", "count": 2, "oldest_seconds": 100, "channels": {"email": 2}}]
+
+
+def test_rows_whose_last_attempt_met_a_credentials_refusal_are_a_problem_queued_or_failed(db, db_url):
+    with db.transaction() as conn:
+        user = add_user(conn)
+        add_delivery(conn, user, add_event(conn), status="queued", attempts=1, created_at=LATELY,
+                     next_retry_at=NOW + timedelta(minutes=2),
+                     last_error="credentials refused: smtp 535 5.7.8 Authentication credentials invalid")
+        add_delivery(conn, user, add_event(conn), channel="sms", status="failed", attempts=5, created_at=LATELY,
+                     last_error="credentials refused: twilio 401 20003: Authenticate (gave up after 5 attempts)")
+        add_digest(conn, user, channel="telegram", status="queued", attempts=2, created_at=LATELY,
+                   next_retry_at=NOW + timedelta(minutes=2), last_error="credentials refused: telegram 401: Unauthorized")
+        # Its last attempt went through: the refusal is history.
+        add_delivery(conn, user, add_event(conn), status="sent", created_at=LATELY,
+                     last_error="credentials refused: smtp 535 5.7.8 Authentication credentials invalid")
+    result = check(db_url)
+    assert result.exit_code == 1
+    assert result.output == ("credentials refused: 3 row(s) created in the last 900s refused our credentials "
+                             "(a wrong password, token or key?) (email 1, sms 1, telegram 1)\n")
+
+
+def test_every_kind_is_one_line_in_a_fixed_order(db, db_url):
+    with db.transaction() as conn:
+        user = add_user(conn)
+        add_delivery(conn, user, add_event(conn), created_at=LONG_AGO)
+        add_delivery(conn, user, add_event(conn), status="failed", created_at=LATELY, last_error="internal error: X")
+        add_delivery(conn, user, add_event(conn), channel="sms", status="skipped", created_at=LATELY,
+                     last_error="sms not configured: ALERTS_TWILIO_FROM is not set")
+        add_delivery(conn, user, add_event(conn), channel="telegram", status="queued", created_at=LATELY,
+                     next_retry_at=NOW, last_error="credentials refused: telegram 401: Unauthorized")
+    result = check(db_url)
+    assert result.exit_code == 1
+    assert [line.split(":")[0] for line in result.output.splitlines()] == [
+        "instant deliveries", "unconfigured channels", "internal errors", "credentials refused"]
+    assert check(db_url, "--max-age", "60").output.splitlines()[0].startswith("instant deliveries")
+    assert check(db_url, "--max-age", "60").exit_code == 1
+
+
+def test_a_silent_problem_older_than_max_age_is_no_longer_reported(db, db_url):
+    with db.transaction() as conn:
+        add_delivery(conn, add_user(conn), add_event(conn), status="failed", created_at=LATELY,
+                     last_error="internal error: KeyError")
+    assert check(db_url).exit_code == 1
+    result = check(db_url, "--max-age", "99")
+    assert (result.exit_code, result.output) == (0, "ok\n")
+
+
+def test_a_critical_alert_skipped_for_want_of_smtp_makes_check_fail(db, db_url, settings):
+    """End to end: the reason the channel registry writes is the one check looks for."""
+    with db.transaction() as conn:
+        add_delivery(conn, add_user(conn), add_event(conn, severity=5, status="fanned_out"), created_at=LATELY)
+    channels = build_channels(settings)  # no ALERTS_SMTP_HOST
+    try:
+        result = run_phases(db, ("c",), clock_at(NOW), settings, channels)
+    finally:
+        channels.close()
+    assert result["c"]["instant"]["skipped"] == 1
+
+    output = check(db_url).output
+    assert output.startswith("unconfigured channels: 1 row(s)") and output.endswith("(email 1)\n")

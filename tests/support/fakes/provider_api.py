@@ -10,6 +10,7 @@ Twilio's Messages resource, records what they accepted, and can be told to fail.
     api.twilio_error(400, 21211, INVALID_TO, to="+100")
     api.delay(2.0, service="telegram", times=1)          # longer than the client timeout
     api.telegram_messages / api.sms_messages             # what was accepted
+    api.webhooks                                         # every setWebhook call's parameters
 
 Like Telegram, sendMessage with parse_mode=HTML parses the text and answers 400 "can't
 parse entities" for unsupported tags or unescaped '<' / '&', and 400 "message is too
@@ -166,6 +167,7 @@ class ProviderApi:
         self._scripts: list[Scripted] = []
         self.telegram_messages: list[TelegramMessage] = []
         self.sms_messages: list[SmsMessage] = []
+        self.webhooks: list[dict] = []  # setWebhook parameters, in order
         self.requests: list[tuple[str, int]] = []  # (service, status answered), every request
         self.telegram_requests: list[tuple[str, float]] = []  # (chat_id, time.time() on arrival), every request
         self._message_ids = itertools.count(1)
@@ -251,6 +253,7 @@ class ProviderApi:
             self._scripts.clear()
             self.telegram_messages.clear()
             self.sms_messages.clear()
+            self.webhooks.clear()
             self.requests.clear()
             self.telegram_requests.clear()
 
@@ -278,6 +281,11 @@ class ProviderApi:
             if match.group(1) != self.bot_token:
                 return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}, {}
             return self._send_message(params)
+        match = re.fullmatch(r"/bot([^/]+)/(setWebhook|getWebhookInfo)", path)
+        if match:
+            if match.group(1) != self.bot_token:
+                return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}, {}
+            return self._webhook(match.group(2), params)
         match = re.fullmatch(r"/2010-04-01/Accounts/([^/]+)/Messages\.json", path)
         if match:
             if auth != (self.twilio_sid, self.twilio_token) or match.group(1) != self.twilio_sid:
@@ -321,6 +329,22 @@ class ProviderApi:
             "text": plain,
         }}, {}
 
+    def _webhook(self, method: str, params: dict) -> tuple[int, dict, dict]:
+        """setWebhook (an https URL, as Telegram requires) and getWebhookInfo."""
+        if method == "getWebhookInfo":
+            with self._lock:
+                last = self.webhooks[-1] if self.webhooks else {}
+            return 200, {"ok": True, "result": {"url": last.get("url", ""), "has_custom_certificate": False,
+                                                "pending_update_count": 0,
+                                                **({"allowed_updates": last["allowed_updates"]}
+                                                   if "allowed_updates" in last else {})}}, {}
+        if not str(params.get("url", "")).startswith("https://"):
+            return 400, {"ok": False, "error_code": 400,
+                         "description": "Bad Request: bad webhook: An HTTPS URL must be provided for webhook"}, {}
+        with self._lock:
+            self.webhooks.append(dict(params))
+        return 200, {"ok": True, "result": True, "description": "Webhook was set"}, {}
+
     def _create_sms(self, params: dict) -> tuple[int, dict, dict]:
         to, sender, body = (str(params.get(k) or "") for k in ("To", "From", "Body"))
         if not to:
@@ -353,7 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
         api: ProviderApi = self.server.api
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         params = self._params(raw)
-        service = "telegram" if "/sendMessage" in self.path else "twilio"
+        service = "telegram" if self.path.startswith("/bot") else "twilio"
         key = str(params.get("chat_id") if service == "telegram" else params.get("To"))
         with api._lock:
             generation, wake = api._generation, api._wake
