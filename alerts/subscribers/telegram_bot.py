@@ -114,9 +114,11 @@ def _decode(code: str) -> bytes | None:
     if not isinstance(code, str) or len(code) != CONNECT_CODE_CHARS or not code.isascii():
         return None
     try:
-        return base64.urlsafe_b64decode(code + "=" * (-len(code) % 4))
+        raw = base64.urlsafe_b64decode(code + "=" * (-len(code) % 4))
     except (binascii.Error, ValueError):
         return None
+    # One spelling per code: the last character's unused bits must be zero.
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == code else None
 
 
 def connect_link(settings: Settings, user_id: int, current_chat: str | None, now: datetime) -> str | None:

@@ -538,6 +538,13 @@ def test_a_connect_code_holds_for_24_hours_from_when_it_was_made():
     assert bot.connect_code_problem(OTHER_KEY, code, None, made) == "invalid"
 
 
+def test_a_connect_code_has_one_spelling():
+    code = bot.make_connect_code(KEY, 7, None, datetime.now(UTC))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    others = [code[:-1] + c for c in alphabet if c != code[-1]]
+    assert [bot.connect_code_problem(KEY, other, None, datetime.now(UTC)) for other in others] == ["invalid"] * 63
+
+
 # --- settings and `alerts telegram set-webhook` ------------------------------------------------
 
 @pytest.mark.parametrize("value", ["has space", "semi;colon", "x" * 257, "ünïcode", "a/b", "a.b"])
