@@ -4,6 +4,7 @@ against PostgreSQL, writes no token to its access or error log, and a one-click
 unsubscribe that waits for a send in flight gets the app's answer, not a killed worker."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shlex
 import subprocess
@@ -23,7 +24,8 @@ from tests.support.factories import add_delivery, add_event, add_pref, add_user
 from tests.support.private_postgres import free_port
 from tests.system.test_supervision import INSTALL_DIR, read_unit
 
-pytest.importorskip("gunicorn", reason="gunicorn is in the test extra: pip install -e '.[test]'")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gunicorn") is None,
+                                reason="gunicorn is in the test extra: pip install -e '.[test]'")
 
 KEY = "deployment-test-key-0123456789abcdef"
 START_SECONDS = 30
