@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 from alerts.core.settings import Settings
 from alerts.messages.types import EmailMessage, Message, TextMessage
-from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, as_utc, event_view, html_env,
-                                    one_line, sort_items, text_env, zone)
+from alerts.messages.render import (app_link, as_utc, event_view, html_env, message_id, one_line, sort_items,
+                                    text_env, zone)
 from alerts.messages.collapse import collapse
 from alerts.messages.telegram_fit import fit_telegram
 from alerts.core.tokens import bounce_address, email_headers, preferences_url, unsubscribe_url
@@ -24,23 +24,28 @@ TELEGRAM_URL_TEXT_MAX = 80
 TELEGRAM_IDS_MAX = 10
 TELEGRAM_SEPARATOR = "\n\n"
 
+_DEFAULTS = Settings()  # digest_message_id without settings: ALERTS_EMAIL_FROM's default domain
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
            "September", "October", "November", "December")
 
 
-def render_digest(channel: str, digest: Mapping, items: Sequence[Mapping], *, settings: Settings) -> Message:
+def render_digest(channel: str, digest: Mapping, items: Sequence[Mapping], *, settings: Settings,
+                  installation_id: str | None = None) -> Message:
+    """``installation_id`` (the ``installation`` table's, which the outbox's load selects)
+    goes into the email's Message-ID."""
     if channel == "email":
-        return _email(digest, items, settings)
+        return _email(digest, items, settings, installation_id)
     if channel == "telegram":
         return _telegram(digest, items, settings)
     raise ValueError(f"no digest message for channel {channel!r}")
 
 
-def digest_message_id(digest_key: str) -> str:
-    """The same on every retry of one digest, different for every other digest."""
+def digest_message_id(digest_key: str, settings: Settings | None = None, installation_id: str | None = None) -> str:
+    """The same on every retry of one digest, different for every other digest (and, with
+    ``installation_id``, for every digest of another installation)."""
     digest = hashlib.sha256(digest_key.encode("utf-8")).hexdigest()[:32]
-    return f"<digest-{digest}@{MESSAGE_ID_DOMAIN}>"
+    return message_id(f"digest-{digest}", settings or _DEFAULTS, installation_id)
 
 
 def window_label(start: datetime, end: datetime, tz: ZoneInfo) -> str:
@@ -77,7 +82,7 @@ def _length_note(start: datetime, end: datetime) -> str:
     return "" if hours in (1, 24) else f", {hours:g} h"
 
 
-def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> EmailMessage:
+def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings, installation_id: str | None) -> EmailMessage:
     tz = zone(digest.get("timezone"), settings)
     ordered = sort_items(collapse(items))  # items, not events (§10.3)
     key = digest["digest_key"]
@@ -96,7 +101,7 @@ def _email(digest: Mapping, items: Sequence[Mapping], settings: Settings) -> Ema
         subject=_subject(digest, len(ordered), tz),
         text=text_env.get_template("digest_email.txt.j2").render(context),
         html=html_env.get_template("digest_email.html.j2").render(context),
-        message_id=digest_message_id(key),
+        message_id=digest_message_id(key, settings, installation_id),
         headers={"X-Alerts-Digest-Key": one_line(key), **email_headers(settings, "digest", unsubscribe)},
         envelope_from=bounce_address(settings, digest["user_id"]) if digest.get("user_id") else None,
     )

@@ -6,8 +6,7 @@ from typing import Mapping
 
 from alerts.core.settings import Settings
 from alerts.messages.types import EmailMessage, Message, TextMessage
-from alerts.messages.render import (MESSAGE_ID_DOMAIN, app_link, event_view, html_env, one_line,
-                                    text_env)
+from alerts.messages.render import app_link, event_view, html_env, message_id, one_line, text_env
 from alerts.messages.telegram_fit import TELEGRAM_LIMIT, telegram_length, truncate_utf16, utf16_len
 from alerts.core.tokens import bounce_address, email_headers, preferences_url, unsubscribe_url
 
@@ -18,9 +17,12 @@ TELEGRAM_LABEL_MAX = 64  # alert type and region (intake refuses longer ones; ol
 URL_TEXT_MAX = 120
 
 
-def render_instant(channel: str, event: Mapping, *, delivery_id: int, settings: Settings) -> Message:
+def render_instant(channel: str, event: Mapping, *, delivery_id: int, settings: Settings,
+                   installation_id: str | None = None) -> Message:
+    """``installation_id`` (the ``installation`` table's, which the outbox's load selects)
+    goes into the email's Message-ID."""
     if channel == "email":
-        return _email(event, delivery_id, settings)
+        return _email(event, delivery_id, settings, installation_id)
     if channel == "telegram":
         return _telegram(event, settings)
     if channel == "sms":
@@ -28,7 +30,7 @@ def render_instant(channel: str, event: Mapping, *, delivery_id: int, settings: 
     raise ValueError(f"no instant message for channel {channel!r}")
 
 
-def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage:
+def _email(event: Mapping, delivery_id: int, settings: Settings, installation_id: str | None) -> EmailMessage:
     view = event_view(event, settings.tz)
     title = truncate_utf16(view.title, SUBJECT_TITLE_MAX)
     # The row's user (outbox.load selects it): the unsubscribe link names them.
@@ -39,7 +41,7 @@ def _email(event: Mapping, delivery_id: int, settings: Settings) -> EmailMessage
         subject=one_line(f"[EnergyRiskIQ] {view.label.upper()}: {title}"),
         text=text_env.get_template("instant_email.txt.j2").render(context),
         html=html_env.get_template("instant_email.html.j2").render(context),
-        message_id=f"<alert-delivery-{delivery_id}@{MESSAGE_ID_DOMAIN}>",
+        message_id=message_id(f"alert-delivery-{delivery_id}", settings, installation_id),
         headers=email_headers(settings, "instant", unsubscribe),
         envelope_from=bounce_address(settings, event["user_id"]) if event.get("user_id") else None,
     )

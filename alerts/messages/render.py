@@ -2,9 +2,11 @@
 labels, and the defensive view of one event that every template receives."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
+from email.utils import getaddresses
 from typing import Mapping, Sequence
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -14,7 +16,9 @@ import jinja2
 from alerts.core.settings import Settings
 from alerts.messages.telegram_fit import truncate_utf16
 
-MESSAGE_ID_DOMAIN = "alerts.energyriskiq.com"
+MESSAGE_ID_DOMAIN = "alerts.energyriskiq.com"  # when ALERTS_EMAIL_FROM names no usable domain
+_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
 SEVERITY_LABELS = {1: "low", 2: "moderate", 3: "elevated", 4: "high", 5: "critical"}
 _WHITESPACE = re.compile(r"\s")  # the same characters as str.isspace()
 _UNSAFE_IN_URL = re.compile(r'[<>"{}|\\^`]')  # never valid unencoded in a URL (RFC 3986)
@@ -51,6 +55,29 @@ def safe_url(url: object) -> str | None:
     if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc or _WHITESPACE.search(url):
         return None
     return _UNSAFE_IN_URL.sub(lambda m: f"%{ord(m.group()):02X}", url)
+
+
+def message_id(local: str, settings: Settings, installation_id: str | None) -> str:
+    """``<local.installation@domain>``: deterministic for one delivery or digest (the same
+    on every retry), with the domain of ALERTS_EMAIL_FROM and the installation's own
+    identifier (made at its first ``alerts migrate``), so two databases — staging and
+    production — never give two messages one Message-ID. Callers that have no database
+    (tests, a preview without one) pass None and get ``<local@domain>``."""
+    installation = _ID_UNSAFE.sub("", installation_id or "")
+    left = f"{local}.{installation}" if installation else local
+    return f"<{left}@{message_id_domain(settings.email_from)}>"
+
+
+@functools.lru_cache(maxsize=16)
+def message_id_domain(email_from: str) -> str:
+    """The domain of the From address, as ASCII (IDNA), lower-case."""
+    address = getaddresses([email_from])[0][1]
+    domain = address.rpartition("@")[2].strip().rstrip(".").lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return MESSAGE_ID_DOMAIN
+    return domain if "@" in address and _DOMAIN.fullmatch(domain) else MESSAGE_ID_DOMAIN
 
 
 def as_utc(value: datetime) -> datetime:

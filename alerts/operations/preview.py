@@ -32,6 +32,7 @@ def preview_digest(engine: Engine, settings: Settings, *, digest_id=None, user_i
         else:
             digest, items = _unbuilt(conn, settings, user_id, day, channel)
             channels = [channel] if channel else ["email", "telegram"]
+        installation_id = conn.execute(sa.select(m.installation.c.installation_id)).scalar()  # as the sender's Message-ID
     echo(f"digest {digest['digest_key']}: {len(items)} item(s), window "
          f"{digest['window_start']:%Y-%m-%d %H:%M} – {digest['window_end']:%Y-%m-%d %H:%M} UTC")
     tz = resolve_timezone(digest["timezone"], settings)
@@ -40,7 +41,7 @@ def preview_digest(engine: Engine, settings: Settings, *, digest_id=None, user_i
     elif digest.get("next_retry_at") is not None:
         echo(f"{digest['status']}, due {_when(digest['next_retry_at'], tz)}")
     for name in channels:
-        message = render_digest(name, digest, items, settings=settings)
+        message = render_digest(name, digest, items, settings=settings, installation_id=installation_id)
         if isinstance(message, EmailMessage):
             _show_email(message, out_dir, echo)
         else:

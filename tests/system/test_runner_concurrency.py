@@ -55,7 +55,7 @@ def seed_instant_deliveries(url: str, users: int = 50, per_user: int = QUEUED //
 
 def delivery_of(mail) -> int:
     """The delivery id in an instant email's deterministic Message-ID."""
-    return int(re.fullmatch(r"<alert-delivery-(\d+)@[^>]+>", mail.message["Message-ID"]).group(1))
+    return int(re.fullmatch(r"<alert-delivery-(\d+)\.[0-9a-f]+@[^>]+>", mail.message["Message-ID"]).group(1))
 
 
 @pytest.mark.parametrize("phase", ["c", "all"])

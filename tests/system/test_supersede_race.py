@@ -49,7 +49,7 @@ def seed(url: str) -> dict[int, tuple[int, int, str]]:
 
 
 def delivery_of(mail) -> int:
-    return int(re.fullmatch(r"<alert-delivery-(\d+)@[^>]+>", mail.message["Message-ID"]).group(1))
+    return int(re.fullmatch(r"<alert-delivery-(\d+)\.[0-9a-f]+@[^>]+>", mail.message["Message-ID"]).group(1))
 
 
 def test_a_supersede_racing_the_send_of_the_older_row_leaves_one_or_both_sent_never_neither(

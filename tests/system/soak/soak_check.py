@@ -29,7 +29,7 @@ from alerts.messages import digest_message_id
 UTC = timezone.utc
 EVENT_REF = re.compile(r"(?<!&)#(\d+)\b")  # not "&#34;", an escaped quote
 MORE = re.compile(r"…and (\d+) more")
-INSTANT_ID = re.compile(r"^<alert-delivery-(\d+)@")
+INSTANT_ID = re.compile(r"^<alert-delivery-(\d+)[.@]")  # then the installation's identifier
 # A kill counts as the cause of a duplicate when it came at most this long after the
 # provider accepted the first copy (the send's DB write follows within milliseconds).
 CRASH_WINDOW = (-0.5, 2.0)
@@ -433,7 +433,8 @@ def _email_row(r: Report, a: Arrival, digest_by_key) -> set:
     if match:
         return {("delivery", int(match.group(1)))}
     g = digest_by_key.get(a.digest_key or "")
-    if g is None or digest_message_id(g.digest_key) != a.message_id:
+    # The installation's identifier follows the digest's own part: "<digest-HASH.INSTALLATION@domain>".
+    if g is None or not (a.message_id or "").startswith(digest_message_id(g.digest_key).split("@")[0] + "."):
         r.bad("email_unmapped", f"Message-ID {a.message_id} X-Alerts-Digest-Key {a.digest_key}")
         return set()
     return {("digest", g.id)}

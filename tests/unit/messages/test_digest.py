@@ -136,7 +136,9 @@ def test_email_message_id_is_stable_per_digest_key_and_carries_the_key():
     retry = render_digest("email", digest(), events(4), settings=SETTINGS)
     other = render_digest("email", digest(digest_key="digest:u1:email:daily:2026-05-12T22:00:00+00:00"),
                           events(3), settings=SETTINGS)
-    assert re.fullmatch(r"<digest-[0-9a-f]{32}@alerts\.energyriskiq\.com>", first.message_id)
+    assert re.fullmatch(r"<digest-[0-9a-f]{32}@energyriskiq\.com>", first.message_id)  # ALERTS_EMAIL_FROM's domain
+    installed = render_digest("email", digest(), events(3), settings=SETTINGS, installation_id="3f9a0c1d2b4e")
+    assert installed.message_id == first.message_id.replace("@", ".3f9a0c1d2b4e@")
     assert first.message_id == retry.message_id != other.message_id
     assert first.headers == {"X-Alerts-Digest-Key": "digest:u1:email:daily:2026-05-11T22:00:00+00:00"}
 

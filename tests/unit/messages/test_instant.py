@@ -89,9 +89,15 @@ def test_email_shows_every_field_of_the_event():
 
 
 def test_email_message_id_is_derived_from_the_delivery_and_stable():
-    assert render("email").message_id == "<alert-delivery-42@alerts.energyriskiq.com>"
+    assert render("email").message_id == "<alert-delivery-42@energyriskiq.com>"  # ALERTS_EMAIL_FROM's domain
     assert render("email").message_id == render("email", title="other").message_id
-    assert render("email", delivery_id=43).message_id == "<alert-delivery-43@alerts.energyriskiq.com>"
+    assert render("email", delivery_id=43).message_id == "<alert-delivery-43@energyriskiq.com>"
+
+
+def test_email_message_id_carries_the_installation_and_the_from_domain():
+    settings = Settings.from_env({"ALERTS_EMAIL_FROM": "Alerts <alerts@Staging.Example.ORG>"})
+    message = render_instant("email", event(), delivery_id=42, settings=settings, installation_id="3f9a0c1d2b4e")
+    assert message.message_id == "<alert-delivery-42.3f9a0c1d2b4e@staging.example.org>"
 
 
 def test_email_links_to_the_app_only_when_configured():
