@@ -1,19 +1,24 @@
-"""Helpers shared by the send benchmarks: a throwaway PostgreSQL database, an aiosmtpd
-server in a process of its own, and the bare smtplib reference loop.
+"""Helpers shared by the benchmarks: result files, a throwaway PostgreSQL database, an
+aiosmtpd server in a process of its own, the bare smtplib reference loop and CPU
+accounting from /proc.
 
 The SMTP server runs in its own process so its CPU never competes for a sender's GIL;
 both the reference loop and the code under test talk to the same server.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
+import shlex
 import smtplib
+import subprocess
 import sys
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +28,65 @@ if str(ROOT) not in sys.path:
 
 ADMIN_URL = os.environ.get("ALERTS_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
+RESULTS = ROOT / "bench" / "results"
+
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
+
+
+# --- result files ----------------------------------------------------------------------------
+
+def write_results(name: str, payload: dict, *, python_speed_us: int | list[int] | None = None) -> Path:
+    """Write ``payload`` to bench/results/<name>-<YYYY-MM-DD>.json (the UTC date; -2, -3, …
+    when that file exists) with what is needed to read it later: the command line, the
+    git commit and whether the working tree differed from it, the machine (cores and, when
+    the benchmark read it, ``python_speed_us``: one reading, or one per run) and when it
+    was written. Returns the path."""
+    now = datetime.now(timezone.utc)
+    record = {
+        "benchmark": name,
+        "command": _command_line(),
+        "written_at": now.isoformat(timespec="seconds"),
+        "git": _git_state(),
+        "machine": {"nproc": os.cpu_count(), "python_speed_us": python_speed_us,
+                    "python": sys.version.split()[0]},
+        "results": payload,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem, n = f"{name}-{now:%Y-%m-%d}", 1
+    while True:
+        path = RESULTS / f"{stem}{'' if n == 1 else f'-{n}'}.json"
+        try:
+            with open(path, "x") as f:  # exclusive: two runs at once never share a file
+                json.dump(record, f, indent=2, default=str)
+                f.write("\n")
+        except FileExistsError:
+            n += 1
+            continue
+        print(f"[bench] results written to {path.relative_to(ROOT)}", file=sys.stderr)
+        return path
+
+
+def _command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join(["python3", str(shown), *sys.argv[1:]])
+
+
+def _git_state() -> dict:
+    """HEAD, and the tracked files that differ from it (another engineer's edit in the
+    tree is part of what was measured)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    modified = sorted(line[3:] for line in (status or "").splitlines())
+    return {"commit": commit.strip() if commit else None,
+            "dirty": bool(modified) if status is not None else None, "modified": modified}
 
 
 # --- the SMTP server, in its own process -----------------------------------------------------
@@ -61,6 +124,57 @@ class SmtpServerProcess:
         self._process.start()
         self.pid = self._process.pid
         self.port = self._pipe.recv()
+
+    def ask(self, command: str):
+        self._pipe.send(command)
+        return self._pipe.recv()
+
+    def stop(self) -> None:
+        self._pipe.send("stop")
+        self._process.join(5)
+
+
+def _serve_provider_api(pipe, delay: float) -> None:
+    from tests.support.fakes import provider_api
+
+    # The fake's handler writes the headers and the body of an answer in two writes; with
+    # Nagle's algorithm the second waits for the client's delayed ACK (40 ms on Linux),
+    # a latency no real provider adds. Only this process's copy of the class is changed.
+    provider_api._Handler.disable_nagle_algorithm = True
+    with provider_api.ProviderApi() as api:
+        def scripted() -> None:
+            if delay:
+                api.delay(delay, service="telegram")  # every request, until reset
+
+        scripted()
+        pipe.send((api.telegram_api_base, api.bot_token))
+        while True:
+            command = pipe.recv()
+            if command == "count":
+                pipe.send(len(api.telegram_messages))
+            elif command == "chats":
+                pipe.send([message.chat_id for message in api.telegram_messages])
+            elif command == "arrivals":
+                pipe.send([at for _, at in api.telegram_requests])
+            elif command == "reset":
+                api.reset()
+                scripted()
+                pipe.send(True)
+            elif command == "stop":
+                return
+
+
+class ProviderApiProcess:
+    """tests/support/fakes/provider_api.ProviderApi (the Telegram Bot API fake) in a child
+    process, asked over a pipe, so its CPU never counts as the sender's. ``delay``: seconds
+    it waits before answering each sendMessage."""
+
+    def __init__(self, delay: float = 0.0):
+        self._pipe, child = multiprocessing.Pipe()
+        self._process = multiprocessing.Process(target=_serve_provider_api, args=(child, delay), daemon=True)
+        self._process.start()
+        self.pid = self._process.pid
+        self.telegram_api_base, self.bot_token = self._pipe.recv()
 
     def ask(self, command: str):
         self._pipe.send(command)
@@ -236,22 +350,31 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
-def postgres_cpu() -> float:
-    """CPU seconds of the local PostgreSQL server: the postmaster, every backend it has
-    reaped and every live one."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _is_postmaster(int(entry)):
-            return process_tree_cpu(int(entry))
-    return float("nan")
+def postmaster_pid(url: str) -> int | None:
+    """The pid of the PostgreSQL server that serves ``url``, when it runs on this machine:
+    the parent of the backend a connection gets. (Other clusters may run here too — a
+    test's own server — so the first postmaster in /proc is not necessarily ours.)"""
+    import psycopg
+
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    fields = _stat(backend)
+    return int(fields[1]) if fields is not None else None
 
 
-def _is_postmaster(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-    except OSError:
-        return False
-    return bool(cmd) and cmd[0].endswith(b"postgres") and b"-D" in cmd
+def postgres_cpu(postmaster: int | None) -> float:
+    """CPU seconds of a PostgreSQL server so far: the postmaster's own, every backend it
+    has reaped (its cutime + cstime: the time of the connections that have closed) and
+    every live process under it (backends, checkpointer, autovacuum…). NaN when the
+    server does not run on this machine."""
+    if postmaster is None or _stat(postmaster) is None:
+        return float("nan")
+    return process_tree_cpu(postmaster)
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy URL as libpq reads it (no ``+driver``)."""
+    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 
 
 def redis_cpu(client) -> float:
@@ -277,10 +400,9 @@ def python_speed_us() -> int:
     """Microseconds this machine takes, right now, to build and flatten one two-part
     message with the standard library's ``email`` package (best of five): the kind of
     Python work a send is made of. A ratio to a latency-bound reference falls as this
-    rises, so compare runs only at about the same reading (on the 2-core machines of
-    replit.md's figures it read 705-811 µs on a faster day and 1,570-2,620 µs on a slower
-    one, where a tiny loop such as ``sum(range(50))`` swung between 450 and 900 ns within
-    a minute and said less)."""
+    rises, and on a shared machine it can double from one hour to the next, so compare
+    runs only at about the same reading (a tiny loop such as ``sum(range(50))`` swings
+    as much within a minute and says less)."""
     import timeit
 
     return round(min(timeit.repeat("build()", setup=_PROBE_SETUP, number=100, repeat=5)) * 1e6 / 100)
@@ -303,6 +425,14 @@ def wait_for(predicate, timeout: float, poll: float = 0.05) -> float:
             raise RuntimeError("timed out")
         time.sleep(poll)
     return time.perf_counter()
+
+
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores the machine keeps busy over ``seconds`` with nothing of ours running: read
+    before a measurement, it says whether something else (a test suite) shared the machine."""
+    before, started = machine_cpu()[0], time.perf_counter()
+    time.sleep(seconds)
+    return round((machine_cpu()[0] - before) / (time.perf_counter() - started), 2)
 
 
 def producer_client(broker_url: str):

@@ -1,4 +1,4 @@
-"""What destination health (SPEC §11.3) costs Phase C: the block join in the load, and
+"""What destination health (docs/policy.md, "Blocked destinations") costs Phase C: the block join in the load, and
 recording a block.
 
     python bench/bench_blocks.py [--users 20000] [--blocked 0.05] [--rounds 5]
@@ -32,7 +32,7 @@ from alerts.sending import blocks
 from alerts.core import tables as m  # noqa: E402
 from alerts.core.db import make_engine  # noqa: E402
 from alerts.sending.outbox import EVENT_KEYS, INSTANT, _user_columns  # noqa: E402
-from bench._common import create_database, drop_database  # noqa: E402
+from bench._common import create_database, drop_database, write_results  # noqa: E402
 
 BATCH = 200
 NOW = datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)
@@ -53,7 +53,7 @@ def seed(conn, users: int, blocked: float, queued: int) -> None:
 
 
 def before_load() -> sa.Select:
-    """The load statement as it was before §11.3: no join on the blocks."""
+    """The load statement as it was before destination health: no join on the blocks."""
     d, u, e = m.user_alert_deliveries, m.users, m.alert_events
     return (sa.select(d.c.id.label("delivery_id"), d.c.channel, d.c.user_id, *_user_columns(),
                       *(e.c[key] for key in EVENT_KEYS))
@@ -109,12 +109,13 @@ def main() -> int:
         skipped = sum(1 for r in rows if r["block_reason"] is not None)
         assert skipped == n_blocks, (skipped, n_blocks)
         record_ms = time_record(engine, args.users, args.queued, args.rounds)
-        print(json.dumps({"users": args.users, "blocks": n_blocks, "batch": BATCH,
-                          "load_ms_per_batch": {"with_block_join": round(with_join, 3),
-                                                "without (before §11.3)": round(without, 3)},
-                          "join_overhead": round(with_join / without - 1, 3),
-                          "record_block_ms": {"queued_rows_skipped": args.queued, "ms": round(record_ms, 3)}},
-                         indent=2))
+        payload = {"users": args.users, "blocks": n_blocks, "batch": BATCH,
+                   "load_ms_per_batch": {"with_block_join": round(with_join, 3),
+                                         "without (before destination health)": round(without, 3)},
+                   "join_overhead": round(with_join / without - 1, 3),
+                   "record_block_ms": {"queued_rows_skipped": args.queued, "ms": round(record_ms, 3)}}
+        print(json.dumps(payload, indent=2))
+        write_results("blocks", payload)
         return 0
     finally:
         engine.dispose()

@@ -3,11 +3,11 @@
     python bench/bench_broker.py [--digests 2000] [--pool threads] [--concurrency 8] [--rounds 1]
 
 For each broker in turn (a fresh PostgreSQL database seeded as in bench_celery.py, one
-worker as replit.md recommends: ``--pool threads -c 8``, both queues): ``alerts.build_digests``
+worker as docs/deployment.md recommends: ``--pool threads -c 8``, both queues): ``alerts.build_digests``
 is triggered and the run is timed until the SMTP server (in a process of its own) holds
 every message; duplicates are counted by Message-ID. The brokers alternate over
 ``--rounds`` so a drift in the machine's speed hits both. It answers "does the broker
-matter for throughput?" for replit.md's "Choosing a broker".
+matter for throughput?" for docs/deployment.md's "Choosing a broker".
 
 Needs PostgreSQL (ALERTS_BENCH_PG_ADMIN_URL), Redis (ALERTS_BENCH_BROKER_URL, default
 redis://127.0.0.1:6379/14, flushed) and RabbitMQ with rabbitmqctl on this machine
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (SmtpServerProcess, create_database, drop_database, producer_client,  # noqa: E402
-                           worker_env)
+                           worker_env, write_results)
 from bench.bench_celery import celery_digests, seed, start_workers, stop_workers, wait_ready  # noqa: E402
 
 REDIS_URL = os.environ.get("ALERTS_BENCH_BROKER_URL", "redis://127.0.0.1:6379/14")
@@ -106,6 +106,7 @@ def main() -> None:
                         "all_delivered": all(r["messages"] >= options.digests for r in results)}
     report["amqp_to_redis"] = round(report["amqp"]["digests_per_s"] / report["redis"]["digests_per_s"], 3)
     print(json.dumps(report))
+    write_results("broker", report)
 
 
 if __name__ == "__main__":

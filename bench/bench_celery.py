@@ -44,7 +44,7 @@ from celery import shared_task  # noqa: E402
 from alerts.sending.outbox import DIGESTS  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, count_sent, create_database, drop_database,  # noqa: E402
                            producer_client, python_speed_us, sample_message, smtp_settings, wait_for,
-                           worker_env)
+                           worker_env, write_results)
 
 NOOP_QUEUE = "bench.noop"
 TARGET_RATIO = 0.5
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--digests", type=int, default=10_000)
     parser.add_argument("--items", type=int, default=3, help="events per digest")
     parser.add_argument("--workers", type=int, default=2)
-    # threads: the pool replit.md recommends for the send queue. A send task mostly waits
+    # threads: the pool docs/deployment.md recommends for the send queue. A send task mostly waits
     # (Redis, PostgreSQL, the SMTP server), and threads overlap those waits inside one
     # process; each thread keeps its own SMTP connection.
     parser.add_argument("--pool", choices=["solo", "prefork", "threads"], default="threads")
@@ -240,6 +240,7 @@ def main() -> None:
     }
     shutil.rmtree(log_dir, ignore_errors=True)  # kept only when the run failed
     print(json.dumps(report, indent=2))
+    write_results("celery", report, python_speed_us=speed)
 
 
 if __name__ == "__main__":

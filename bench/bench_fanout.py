@@ -1,7 +1,7 @@
 """Benchmark Phase B (fan-out) on PostgreSQL against one hand-written INSERT … SELECT.
 
     python bench/bench_fanout.py --users 50000 --events 200 --match-ratio 0.1 [--bypass-severity 4]
-    python bench/bench_fanout.py --collapse-stories 10 --quiet-share 0.3   # SPEC §10.3, §10.4
+    python bench/bench_fanout.py --collapse-stories 10 --quiet-share 0.3   # collapse, quiet hours
 
 Bulk-loads users, preferences and ready events (generate_series, no Python loops) so
 that each user's preferences match about ``--match-ratio`` of the events (the default
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 
 from alerts.core.db import make_engine  # noqa: E402
-from bench._common import database  # noqa: E402
+from bench._common import database, write_results  # noqa: E402
 
 NOW = datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)
 TARGET_RATIO, TARGET_RSS_MB = 1.3, 200
@@ -103,7 +103,7 @@ REFERENCE_SQL = [
 ]
 
 
-# Quiet hours by hand (SPEC §10.4), for the periods the benchmark loads: they do not wrap
+# Quiet hours by hand (docs/policy.md), for the periods the benchmark loads: they do not wrap
 # midnight and no DST change falls in them, so plain AT TIME ZONE arithmetic is right.
 HELD_SQL = """CASE WHEN {instant} AND e.severity < 5 AND u.quiet_hours IS NOT NULL
         AND (%(now)s AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam'))::time
@@ -112,7 +112,7 @@ HELD_SQL = """CASE WHEN {instant} AND e.severity < 5 AND u.quiet_hours IS NOT NU
             < split_part(u.quiet_hours, '-', 2)::time
       THEN ((%(now)s AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam'))::date
             + split_part(u.quiet_hours, '-', 2)::time) AT TIME ZONE coalesce(u.timezone, 'Europe/Amsterdam') END"""
-# The supersede by hand (SPEC §10.3): every event is new here, so every group is touched.
+# The supersede by hand (docs/policy.md, collapse): every event is new here, so every group is touched.
 SUPERSEDE_SQL = """
     UPDATE user_alert_deliveries d
        SET status = 'skipped', last_error = 'superseded by #' || r.newest
@@ -125,7 +125,7 @@ SUPERSEDE_SQL = """
 
 
 def reference_sql(bypass_severity: int | None, quiet: bool = False, collapse: bool = False) -> list[str]:
-    """The hand-written statements; with a bypass severity (SPEC §10.2) a digest pref
+    """The hand-written statements; with a bypass severity (docs/policy.md) a digest pref
     matching an event at or above it makes an instant delivery; with quiet hours and
     collapse keys loaded, the held deliveries and the supersede."""
     instant = "bool_or(p.delivery_kind = 'instant')"
@@ -163,12 +163,15 @@ def main() -> None:
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
         result = _measure(engine, url, args)
         engine.dispose()
-    _report(result)
+    summary = _report(result)
     if args.bypass_severity is not None:
         print(f"both with ALERTS_DIGEST_BYPASS_SEVERITY={args.bypass_severity}")
     if args.collapse_stories or args.quiet_share:
         print(f"collapse stories {args.collapse_stories}, quiet-hours share {args.quiet_share:g}: "
               f"superseded {result['superseded']}, held {result['held']}")
+    options = {key: getattr(args, key) for key in ("users", "events", "match_ratio", "rounds", "bypass_severity",
+                                                   "collapse_stories", "quiet_share")}
+    write_results("fanout", {"options": options, **summary, **result})
 
 
 def _parse() -> argparse.Namespace:
@@ -183,12 +186,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--database-url", help="PostgreSQL URL to use (its alert tables are emptied); "
                                           "default: a throwaway database on 127.0.0.1")
     p.add_argument("--bypass-severity", type=int, choices=range(1, 6), metavar="N",
-                   help="run both with ALERTS_DIGEST_BYPASS_SEVERITY=N (SPEC §10.2; default: unset)")
+                   help="run both with ALERTS_DIGEST_BYPASS_SEVERITY=N (default: unset)")
     p.add_argument("--collapse-stories", type=int, default=0, metavar="N",
-                   help="give every event one of N collapse keys (SPEC §10.3; default: none)")
+                   help="give every event one of N collapse keys (default: none)")
     p.add_argument("--quiet-share", type=float, default=0.0, metavar="F",
                    help="give this share of the users quiet hours 10:00-18:00 in one of three zones, "
-                        "two of which are inside them at the benchmark's now (SPEC §10.4; default: 0)")
+                        "two of which are inside them at the benchmark's now (default: 0)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not args.child and not 0 < args.match_ratio <= 1:
@@ -305,7 +308,8 @@ def _cpu_delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
-def _report(r: dict) -> None:
+def _report(r: dict) -> dict:
+    """Print the table; the medians and the verdict, for the result file."""
     b, ref = r["runs"]["phase_b"], r["runs"]["reference"]
     b_s, ref_s = _median(b, "seconds"), _median(ref, "seconds")
     print(f"{'deliveries':>10} {'events':>7} {'phase B s':>10} {'reference s':>12} {'ratio':>6} {'peak RSS MB':>12}")
@@ -319,6 +323,10 @@ def _report(r: dict) -> None:
     print(f"(of which digest {r['digest']}, skipped sms+digest {r['skipped']})")
     ok = b_s / ref_s <= TARGET_RATIO and r["rss_mb"] <= TARGET_RSS_MB
     print(f"targets (ratio <= {TARGET_RATIO}, peak RSS <= {TARGET_RSS_MB} MB): {'met' if ok else 'NOT met'}")
+    return {"phase_b_s": round(b_s, 3), "reference_s": round(ref_s, 3), "ratio": round(b_s / ref_s, 3),
+            "backend_cpu_s": {"phase_b": b_cpu, "reference": ref_cpu,
+                              "ratio": round(b_cpu / ref_cpu, 3) if b_cpu is not None and ref_cpu else None},
+            "target": f"ratio <= {TARGET_RATIO}, peak RSS <= {TARGET_RSS_MB} MB: {'met' if ok else 'NOT met'}"}
 
 
 def _median(runs: list[dict], key: str) -> float | None:

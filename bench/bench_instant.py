@@ -1,9 +1,9 @@
-"""Benchmark: the event-driven instant path (SPEC §12.1) — from ``alerts.ingest_event``
+"""Benchmark: the event-driven instant path (docs/deployment.md) — from ``alerts.ingest_event``
 being published to the email at an SMTP server, with no beat running.
 
     python bench/bench_instant.py [--events 200] [--backlog 5000] [--pool threads] [--concurrency 8] [--interval 0.05]
 
-One Celery worker as replit.md recommends for a single machine
+One Celery worker as docs/deployment.md recommends for a single machine
 (``-Q alerts,alerts.send --pool threads -c 8 -O fair --without-gossip --without-mingle``),
 Redis, PostgreSQL, and an aiosmtpd server in this process (so publish and arrival are
 timed on one clock). One user has an instant email preference; each event matches it.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, create_database, drop_database, producer_client, worker_env  # noqa: E402
+from bench._common import ROOT, create_database, drop_database, producer_client, worker_env, write_results  # noqa: E402
 from bench.bench_celery import seed, stop_workers, wait_ready  # noqa: E402
 
 TARGET_P95_SECONDS = {"idle": 1.0, "backlog": 3.0}
@@ -184,13 +184,15 @@ def main() -> None:
         drop_database(url)
         broker.flushdb()
     shutil.rmtree(log_dir, ignore_errors=True)
-    print(json.dumps({
+    payload = {
         "worker": f"1 worker, -Q alerts,alerts.send --pool {options.pool} -c {options.concurrency}",
         "idle": summary(idle_latencies, TARGET_P95_SECONDS["idle"]),
         "backlog": {"digests": options.backlog, "events_published": backlog["published"],
                     "digests_left_when_last_event_arrived": backlog["digests_left_when_last_event_arrived"],
                     **summary(backlog["latencies"], TARGET_P95_SECONDS["backlog"])},
-    }, indent=2))
+    }
+    print(json.dumps(payload, indent=2))
+    write_results("instant", payload)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark Phase D (digest build) on PostgreSQL against a hand-written reference SQL.
 
     python bench/bench_phase_d.py --users 10000 100000 --events 10 --rounds 3
-    python bench/bench_phase_d.py --send-times --users 100000 --events 10   # 1M, §10.1
+    python bench/bench_phase_d.py --send-times --users 100000 --events 10   # 1M, send times
 
 For each size and round it bulk-loads users × events pending digest deliveries on one
 channel (generate_series, no Python loops), times ``run_phase_d`` in a child process (so
@@ -10,7 +10,7 @@ set-based SQL one would write by hand for this data, computing windows with Post
 own ``AT TIME ZONE``. Both must leave the same digests, items and batched deliveries; the
 script checks that. The table shows the best round of each (the machine may be shared).
 
-``--send-times`` (SPEC §10.1) spreads the users over 5 zones and 10 send times (9 of
+``--send-times`` (docs/policy.md, send time) spreads the users over 5 zones and 10 send times (9 of
 their own and ALERTS_DIGEST_SEND_TIME for the rest), and the reference then shifts each
 event's local time by the send time before truncating to the day. That reference is
 exact only away from DST changes, which the data (12-13 May) stays clear of.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from alerts.core.settings import Settings  # noqa: E402
 from alerts.core.db import make_engine  # noqa: E402
-from bench._common import database  # noqa: E402
+from bench._common import database, write_results  # noqa: E402
 
 NOW = datetime(2026, 5, 13, 12, 0, tzinfo=timezone.utc)
 ENV = {"ALERTS_HOURLY_DIGEST_PLANS": "pro"}
@@ -167,7 +167,9 @@ def main() -> None:
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
         results = [_measure(engine, url, users, args.events, args.rounds, args.send_times) for users in args.users]
         engine.dispose()
-    _report(results)
+    target = _report(results)
+    options = {key: getattr(args, key) for key in ("users", "events", "rounds", "send_times")}
+    write_results("phase_d", {"options": options, "sizes": results, "target": target})
 
 
 def _parse() -> argparse.Namespace:
@@ -179,7 +181,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--database-url", help="PostgreSQL URL to use (its alert tables are emptied); "
                                           "default: a throwaway database on 127.0.0.1")
     p.add_argument("--send-times", action="store_true",
-                   help="users in 5 zones with 10 digest send times (SPEC §10.1), and the matching reference")
+                   help="users in 5 zones with 10 digest send times, and the matching reference")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -255,7 +257,8 @@ def _child(url: str) -> None:
     print(json.dumps({"seconds": seconds, "max_rss_mb": max_rss_mb, "base_rss_mb": base_rss_mb, "counts": counts}))
 
 
-def _report(results: list[dict]) -> None:
+def _report(results: list[dict]) -> str:
+    """Print the table (and add each size's ratio to it); the verdict."""
     print(f"{'deliveries':>10} {'digests':>8} {'phase D s':>10} {'reference s':>12} {'ratio':>6} "
           f"{'peak RSS MB':>12} {'(imports MB)':>12}")
     for r in results:
@@ -267,8 +270,10 @@ def _report(results: list[dict]) -> None:
         rows, cost = big["deliveries"] / small["deliveries"], big["phase_d_s"] / small["phase_d_s"]
         print(f"scaling {small['deliveries']} -> {big['deliveries']}: {rows:.0f}x rows, {cost:.2f}x time")
         ok = ok and cost <= TARGET_SCALING / 10 * rows
-    print(f"targets (ratio <= {TARGET_RATIO}, RSS <= {TARGET_RSS_MB} MB, 10x rows <= {TARGET_SCALING:.0f}x time): "
-          f"{'met' if ok else 'NOT met'}")
+    verdict = (f"ratio <= {TARGET_RATIO}, RSS <= {TARGET_RSS_MB} MB, 10x rows <= {TARGET_SCALING:.0f}x time: "
+               f"{'met' if ok else 'NOT met'}")
+    print(f"targets ({verdict.replace(': ', '): ', 1)}")
+    return verdict
 
 
 if __name__ == "__main__":

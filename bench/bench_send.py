@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alerts.sending.outbox import INSTANT  # noqa: E402
 from bench._common import (ROOT, SmtpServerProcess, bare_smtplib, create_database,  # noqa: E402
-                           count_sent, drop_database, sample_message, smtp_settings)
+                           count_sent, drop_database, python_speed_us, sample_message, smtp_settings,
+                           write_results)
 
 TARGET_RATIO = 0.5
 
@@ -135,6 +136,7 @@ def main() -> None:
 
     server = SmtpServerProcess()
     url = create_database("alerts_bench_send")
+    speed = python_speed_us()
     times: dict[str, list[float]] = {"bare_smtplib": [], "phase_c": [], "runner": []}
     sizes = {}
     try:
@@ -175,7 +177,9 @@ def main() -> None:
     report["mean_message_bytes"] = sizes
     report["all_rounds_s"] = {k: [round(t, 3) for t in v] for k, v in times.items() if v}
     report["target"] = f"phase_c / bare_smtplib >= {TARGET_RATIO}: {'met' if report['ratio'] >= TARGET_RATIO else 'NOT met'}"
+    report["python_speed_us"] = speed
     print(json.dumps(report, indent=2))
+    write_results("send", report, python_speed_us=speed)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from alerts.core.clock import Clock  # noqa: E402
 from alerts.core.db import Database, make_engine  # noqa: E402
 from alerts.sending.outbox import DIGESTS  # noqa: E402
 from alerts.sending.service import send_one  # noqa: E402
-from bench._common import create_database, drop_database, python_speed_us, smtp_settings  # noqa: E402
+from bench._common import create_database, drop_database, python_speed_us, smtp_settings, write_results  # noqa: E402
 from bench.bench_celery import seed  # noqa: E402
 
 STEPS = ("claim", "load", "render", "mime", "record", "transactions")
@@ -118,9 +118,11 @@ def main() -> None:
     if n != options.digests:
         raise SystemExit(f"sent {n} digests, expected {options.digests}")
     per_digest = {step: round(spent[step] / n * 1e3, 3) for step in STEPS}
-    print(json.dumps({"digests": n, "items_per_digest": options.items, "python_speed_us": speed,
-                      "cpu_ms_per_digest": {**per_digest, "total": round(sum(spent.values()) / n * 1e3, 3)},
-                      "profiled": bool(options.profile)}, indent=2))
+    payload = {"digests": n, "items_per_digest": options.items, "python_speed_us": speed,
+               "cpu_ms_per_digest": {**per_digest, "total": round(sum(spent.values()) / n * 1e3, 3)},
+               "profiled": bool(options.profile)}
+    print(json.dumps(payload, indent=2))
+    write_results("send_steps", payload, python_speed_us=speed)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What one-click unsubscribe costs (SPEC §11.2), on a throwaway PostgreSQL database.
+"""What one-click unsubscribe costs (docs/policy.md, "Unsubscribed"), on a throwaway PostgreSQL database.
 
 1. **The sender's check.** ``outbox.load`` skips rows of users whose preferences on the
    channel are all disabled (a correlated EXISTS pair per row). Times the load of a
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa  # noqa: E402
 
-from bench._common import database  # noqa: E402
+from bench._common import database, write_results  # noqa: E402
 
 KEY = "bench-secret-key-of-at-least-32-characters"
 NOW = datetime(2026, 5, 13, tzinfo=timezone.utc)
@@ -133,6 +133,7 @@ def main() -> int:
         engine.dispose()
         result.update(time_posts(url, args.posts, args.queued))
     print(json.dumps(result))
+    write_results("unsubscribe", result)
     return 0
 
 
