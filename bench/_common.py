@@ -29,6 +29,10 @@ if str(ROOT) not in sys.path:
 ADMIN_URL = os.environ.get("ALERTS_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 RESULTS = ROOT / "bench" / "results"
+# What a production installation sets (replit.md's quick start): every email then carries
+# the unsubscribe and preferences links and the one-click headers, signed per user.
+PRODUCTION_LINKS = {"ALERTS_PUBLIC_URL": "https://alerts.example.com",
+                    "ALERTS_SECRET_KEY": "bench-secret-key-of-at-least-32-characters"}
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 
@@ -232,14 +236,15 @@ def database(url: str | None = None, prefix: str = "alerts_bench") -> Iterator[s
         drop_database(url)
 
 
-def sample_message(url: str, port: int, outbox) -> tuple[str, str, bytes]:
+def sample_message(url: str, port: int, outbox, **extra: str) -> tuple[str, str, bytes]:
     """The first row of ``outbox`` (alerts.sending.outbox.INSTANT or DIGESTS) rendered and built
-    exactly as the senders do it: (from, to, bytes) for the bare smtplib reference."""
+    exactly as the senders do it (``extra``: their settings beyond SMTP): (from, to, bytes)
+    for the bare smtplib reference."""
     from alerts.channels.email import build_mime
     from alerts.channels.registry import build_channels
     from alerts.core.db import make_engine
 
-    settings = smtp_settings(url, port)
+    settings = smtp_settings(url, port, **extra)
     engine = make_engine(url)
     with engine.connect() as conn:
         first = conn.exec_driver_sql(f"SELECT min(id) FROM {outbox.table.name}").scalar_one()
@@ -248,11 +253,11 @@ def sample_message(url: str, port: int, outbox) -> tuple[str, str, bytes]:
     return settings.email_from, job.recipient, bytes(build_mime(job.message, settings.email_from, job.recipient))
 
 
-def digest_sample_message(url: str, port: int) -> tuple[str, str, bytes]:
+def digest_sample_message(url: str, port: int, **extra: str) -> tuple[str, str, bytes]:
     """``sample_message`` for the first digest."""
     from alerts.sending.outbox import DIGESTS
 
-    return sample_message(url, port, DIGESTS)
+    return sample_message(url, port, DIGESTS, **extra)
 
 
 def count_sent(url: str, table: str) -> int:

@@ -7,7 +7,7 @@ At the default send time every user's digest falls due in the same minute. This 
 ``--digests`` due daily email digests (``--items`` events each, as bench_latency.py
 does), starts ``--workers`` worker processes as docs/deployment.md recommends
 (``-Q alerts,alerts.send --pool threads -c T -O fair --without-gossip --without-mingle``,
-Redis broker), triggers ``alerts.build_digests`` — which enqueues one send task per due
+Redis broker, ALERTS_PUBLIC_URL and ALERTS_SECRET_KEY set as in production), triggers ``alerts.build_digests`` — which enqueues one send task per due
 digest — and times until the SMTP server (in a process of its own, answering DATA after
 ``--data-delay`` seconds like a real provider) has every message, and until every row is
 ``sent``. It reports:
@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import (SmtpServerProcess, busy_cores, count_sent, create_database, drop_database,  # noqa: E402
+from bench._common import (PRODUCTION_LINKS, SmtpServerProcess, busy_cores, count_sent, create_database, drop_database,  # noqa: E402
                            postmaster_pid, producer_client, python_speed_us, wait_for, worker_env, write_results)
 from bench.bench_celery import seed, stop_workers, wait_ready  # noqa: E402
 from bench.bench_latency import Meter, start_workers, summary  # noqa: E402
@@ -74,7 +74,8 @@ def main() -> None:
         seed(url, n, options.items)
         background = busy_cores()
         speed = python_speed_us()
-        workers = start_workers(options.workers, options.threads, worker_env(url, broker_url, server.port), log_dir)
+        env = worker_env(url, broker_url, server.port, **PRODUCTION_LINKS)
+        workers = start_workers(options.workers, options.threads, env, log_dir)
         wait_ready(client, options.workers)
         pids = [w.pid for w in workers]
         print(f"[bench] draining with {options.workers} x {options.threads} threads", file=sys.stderr)

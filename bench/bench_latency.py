@@ -15,8 +15,10 @@ of its own) that answers DATA after ``--data-delay`` seconds, on the same due di
 2. Celery: ``alerts.build_digests`` enqueues one ``alerts.send_digest`` per due digest
    and ``--workers`` worker processes started as docs/deployment.md recommends
    (``-Q alerts,alerts.send --pool threads -c T -O fair --without-gossip --without-mingle``,
-   Redis broker, PostgreSQL) send them; timed from the trigger until the server has N
-   messages (Phase D's pass and the enqueueing included);
+   Redis broker, PostgreSQL; ALERTS_PUBLIC_URL and ALERTS_SECRET_KEY set as in production,
+   so every email carries its signed links and one-click headers, as the lean sender's
+   do) send them; timed from the trigger until the server has N messages (Phase D's pass
+   and the enqueueing included);
 3. for context, the bare pool: ``workers × T`` smtplib connections sending the exact
    bytes of the first digest N times between them — no database, no rendering, no MIME.
 
@@ -50,10 +52,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import (ROOT, SmtpServerProcess, bare_smtplib_pool, busy_cores, count_sent,  # noqa: E402
-                           create_database, digest_sample_message, drop_database, libpq_url, machine_cpu,
-                           postgres_cpu, postmaster_pid, process_tree_cpu, producer_client, python_speed_us,
-                           redis_cpu, wait_for, worker_env, write_results)
+from bench._common import (PRODUCTION_LINKS, ROOT, SmtpServerProcess, bare_smtplib_pool, busy_cores,  # noqa: E402
+                           count_sent, create_database, digest_sample_message, drop_database, libpq_url,
+                           machine_cpu, postgres_cpu, postmaster_pid, process_tree_cpu, producer_client,
+                           python_speed_us, redis_cpu, wait_for, worker_env, write_results)
 from bench.bench_celery import seed, stop_workers, wait_ready  # noqa: E402
 from bench.lean_sender import LeanSenders  # noqa: E402
 
@@ -270,12 +272,12 @@ def main() -> None:
     url = create_database("alerts_bench_latency")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     client = producer_client(broker_url)
-    env = worker_env(url, broker_url, server.port)
+    env = worker_env(url, broker_url, server.port, **PRODUCTION_LINKS)
     meter = Meter(postmaster_pid(url), server, broker)
     setups = []
     try:
         seed(url, options.digests, options.items)
-        message = digest_sample_message(url, server.port)
+        message = digest_sample_message(url, server.port, **PRODUCTION_LINKS)
         for threads in options.threads:
             setup = f"{options.workers} x {threads}"
             runs = []
