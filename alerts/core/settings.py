@@ -44,7 +44,7 @@ SECRET_FIELDS = frozenset({"smtp_password", "telegram_bot_token", "twilio_auth_t
 URL_FIELDS = frozenset({"database_url", "celery_broker_url", "app_base_url", "telegram_api_base",
                         "twilio_api_base", "ratelimit_redis_url", "public_url"})
 MIN_SECRET_KEY_CHARS = 32
-# SPEC §14.3: Telegram's rules for a webhook's secret_token and for a bot's username.
+# Telegram's rules for a webhook's secret_token and for a bot's username (docs/telegram-bot.md).
 TELEGRAM_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 TELEGRAM_USERNAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{3,31}")
 SEVERITIES = (1, 5)
@@ -98,7 +98,7 @@ class Settings:
     email_from: str = "EnergyRiskIQ Alerts <alerts@energyriskiq.com>"
     telegram_bot_token: str | None = field(default=None, repr=False)
     telegram_api_base: str = "https://api.telegram.org"
-    # SPEC §14.3: the bot's username (t.me links) and the webhook's secret token
+    # The Telegram bot (docs/telegram-bot.md): its username (t.me links), the webhook's secret token
     telegram_bot_username: str | None = None
     telegram_webhook_secret: str | None = field(default=None, repr=False)
     twilio_account_sid: str | None = None

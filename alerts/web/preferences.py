@@ -16,7 +16,7 @@ import logging
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from flask import Blueprint, abort, make_response, render_template, request
+from flask import Blueprint, abort, current_app, make_response, render_template, request
 
 from alerts.core import tokens
 from alerts.messages.render import SEVERITY_LABELS
@@ -37,6 +37,7 @@ NOT_SAVED = "Nothing was saved: please correct what is marked below."
 # The form has five fields per subscription: room for a few hundred (the app's own cap,
 # for the one-field forms of the other pages, is far smaller).
 FORM_MAX_BYTES = 64 * 1024
+_CHOICES_KEY = "alerts.preferences_choices"
 
 
 def _user(token: str, now: datetime) -> int:
@@ -52,8 +53,18 @@ def _refuse(heading: str, message: str):
     abort(make_response(render_template("error.html", heading=heading, message=message), 400))
 
 
+def _choices(conn, now: datetime):
+    """The alert types and regions offered for a new subscription, read at most once per
+    CHOICES_TTL per process (they change slowly; reading them scans 90 days of events)."""
+    kept = current_app.extensions.get(_CHOICES_KEY)
+    if kept is None or not kept[0] <= now < kept[0] + prefs.CHOICES_TTL:
+        kept = (now, prefs.event_choices(conn, now))
+        current_app.extensions[_CHOICES_KEY] = kept
+    return kept[1]
+
+
 def _page(conn, user_id: int, now: datetime) -> prefs.Page:
-    page = prefs.load(conn, user_id, context().settings, now)
+    page = prefs.load(conn, user_id, context().settings, now, _choices(conn, now))
     if page is None:  # a valid token of a user since deleted
         _refuse("This link is not valid", INVALID)
     return page
@@ -84,18 +95,14 @@ def preferences_post(token: str):
     request.max_content_length = request.max_form_memory_size = FORM_MAX_BYTES
     same_origin.require_same_origin(token)
     engine = context().engine
-    with engine.connect() as conn:
-        page = _page(conn, user_id, now)
-    changes, errors = prefs.read_form(page, request.form)
-    if not errors:
-        try:
-            with engine.begin() as conn:
-                page = _page(conn, user_id, now)  # read again inside the transaction that saves
-                changes, errors = prefs.read_form(page, request.form)
-                if not errors:
-                    prefs.save(conn, page, changes, now)
-        except sa.exc.IntegrityError:  # the same subscription added meanwhile (another tab)
-            errors = {prefs.NEW_TYPE: "You already have this subscription: change that one instead."}
+    try:
+        with engine.begin() as conn:  # read, check and save in one transaction
+            page = _page(conn, user_id, now)
+            changes, errors = prefs.read_form(page, request.form)
+            if not errors:
+                prefs.save(conn, page, changes, now)
+    except sa.exc.IntegrityError:  # the same subscription added meanwhile (another tab)
+        errors = {prefs.NEW_TYPE: "You already have this subscription: change that one instead."}
     if errors:
         return _render(page, token, now, form=request.form, errors=errors, status=NOT_SAVED), 400
     log.info("user %s saved their preferences: %s", user_id, _summary(changes))
