@@ -17,6 +17,7 @@ from alerts.cli.common import (CONNECTION_ERRORS, EXIT_UNREACHABLE, Fatal, clock
                                open_engine, reaching_database, setup_logging)
 from alerts.cli.bounce import bounce
 from alerts.cli.destinations import destinations
+from alerts.cli.explain import explain
 from alerts.cli.run import run
 from alerts.cli.telegram import telegram
 from alerts.cli.users import users
@@ -44,6 +45,7 @@ def migrate() -> None:
 cli.add_command(run)
 cli.add_command(destinations)
 cli.add_command(web)
+cli.add_command(explain)
 cli.add_command(bounce)
 cli.add_command(users)
 cli.add_command(telegram)
