@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import html
 import logging
+import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -184,7 +185,7 @@ def _dispatch(conn: Connection, update: dict, settings: Settings, now: datetime)
     if isinstance(update.get("my_chat_member"), dict):
         return _chat_member(conn, update["my_chat_member"], now)
     kinds = sorted(key for key in update if key != "update_id")
-    return Outcome(None, f"ignored: {kinds[0][:40] if kinds else 'empty'} update")
+    return Outcome(None, f"ignored: {_word(kinds[0]) if kinds else 'empty'} update")
 
 
 def _message(conn: Connection, message: dict, settings: Settings, now: datetime) -> Outcome:
@@ -208,7 +209,7 @@ def _message(conn: Connection, message: dict, settings: Settings, now: datetime)
         return _stop(conn, chat_id, settings, now)
     if name == "settings":
         return _settings(conn, chat_id, settings, now)
-    return Outcome(None, f"help ({'/' + name[:32]})", Reply(chat_id, HELP))
+    return Outcome(None, "help", Reply(chat_id, HELP))
 
 
 def _command(message: dict) -> tuple[str, str, str] | None:
@@ -302,11 +303,11 @@ def _chat_member(conn: Connection, member: dict, now: datetime) -> Outcome:
     users = users_of_chat(conn, chat_id)
     if status == "kicked":
         block(conn, users, chat_id, BLOCKED_REASON, now)
-        return Outcome(None, f"blocked by chat {chat_id}: users {users}")
+        return Outcome(None, f"blocked by its chat: users {users}")
     if status in MEMBER_STATUSES:
         lifted = _lift_blocks(conn, users, chat_id)
-        return Outcome(None, f"unblocked by chat {chat_id}: {lifted} block(s) lifted")
-    return Outcome(None, f"ignored: my_chat_member {str(status)[:20]}")
+        return Outcome(None, f"unblocked by its chat: {lifted} block(s) lifted")
+    return Outcome(None, f"ignored: my_chat_member {_word(str(status))}")
 
 
 def block(conn: Connection, users: list[int], chat_id: str, reason: str, now: datetime) -> None:
@@ -330,7 +331,7 @@ def _migrate(conn: Connection, old: str, new: object) -> Outcome:
     if not _is_int(new):
         return Outcome(None, "ignored: migrate_to_chat_id is not a chat id")
     moved = migrate_chat(conn, old, str(new))
-    return Outcome(None, f"chat {old} moved to {new}: {moved} user(s)")
+    return Outcome(None, f"chat moved to a supergroup: {moved} user(s)")
 
 
 def migrate_chat(conn: Connection, old: str, new: str) -> int:
@@ -354,6 +355,11 @@ def _chat_of_user(conn: Connection, user_id: int) -> tuple[int, str | None] | No
     if row is None:
         return None
     return row.id, (row.telegram_chat_id or "").strip() or None
+
+
+def _word(text: str) -> str:
+    """A name from an update, safe to log (Telegram's names are letters and _)."""
+    return re.sub(r"[^A-Za-z0-9_]", "?", text[:40])
 
 
 def _is_int(value: object) -> bool:

@@ -485,6 +485,21 @@ def test_a_blocked_bot_blocks_the_chat_and_skips_what_is_queued_and_unblocking_l
     assert blocks_of(engine) == []
 
 
+def test_the_log_names_updates_and_users_never_chats_codes_or_what_was_written(client, engine, jane, caplog):
+    connected(engine, jane)
+    code = code_for(jane)
+    with caplog.at_level("INFO"):
+        for sent in (command(f"/start {code}"), command("/settings"), command("/stop please"), member("kicked"),
+                     member("member"), update("weird\nkind\x1b[31m", {}),
+                     update("message", {"message_id": 1, "chat": {"id": JANE_CHAT, "type": "group"},
+                                        "date": 1, "migrate_to_chat_id": GROUP})):
+            assert post(client, sent).status_code == 200
+    logged = caplog.text
+    assert f"user {jane}" in logged and "blocked by its chat" in logged
+    for secret in (str(JANE_CHAT), str(GROUP), code, "please", "\x1b", KEY):
+        assert secret not in logged
+
+
 def test_kicked_from_a_chat_nobody_has_changes_nothing(client, engine, jane):
     before = dump(engine)
     assert post(client, member("kicked")).status_code == 200
