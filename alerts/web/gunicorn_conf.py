@@ -4,9 +4,8 @@ alerts.web:app`` (deploy/systemd/alerts-web.service; docs/deployment.md).
 - **No token in a log.** The links' tokens (``/unsubscribe/<token>``, ``/preferences/<token>``)
   are secrets: whoever holds one can change that subscription. The access log's request
   line and path, and every message of the error log (gunicorn's own "Error handling
-  request /unsubscribe/…" included), have them cut out (``redact_path``). The access log
-  builds its path from the decoded one, so a percent-encoded spelling of the path does
-  not slip through.
+  request /unsubscribe/…" included), have them cut out (``redact_path``), percent-escapes
+  decoded first, so another spelling of the path does not slip through.
 - **Timeouts that outlast the longest request.** gunicorn kills a worker that stays silent
   for ``timeout`` seconds — a sync worker is silent for the whole of a request. The
   longest request the app holds is a one-click unsubscribe waiting for a send in flight
@@ -18,6 +17,7 @@ Settings given on the command line win over these.
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote
 
 from gunicorn.glogging import Logger
 
@@ -30,7 +30,11 @@ LONGEST_REQUEST_SECONDS = int(IN_FLIGHT_WAIT_SECONDS + 3 * DB_CONNECT_TIMEOUT_SE
 
 
 def _redacted(value):
-    return redact_path(value) if isinstance(value, str) else value
+    """A string with the tokens cut out, percent-escapes decoded first (``/%75nsubscribe/…``
+    is the same page); anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    return redact_path(unquote(value) if "%" in value else value)
 
 
 class _RedactTokens(logging.Filter):

@@ -151,6 +151,7 @@ def test_gunicorns_own_error_lines_have_the_token_cut_out(tmp_path):
     except RuntimeError:
         logger.exception("Error handling request %s %s", "POST", "/unsubscribe/SeCrEtToKeN.sig?x=1")
     logger.error("Error handling request %s", "/preferences/SeCrEtToKeN.sig")
+    logger.error("Error handling request %s", "/%75nsubscribe/SeCrEtToKeN.sig")
     for handler in logger.error_log.handlers:
         handler.flush()
 
