@@ -20,7 +20,7 @@ from alerts.phases.pipeline import run_phases, session
 from alerts.sending import blocks
 from alerts.sending.outbox import skip_queued
 from alerts.subscribers import unsubscribe as unsub
-from tests.support.clock import NO_CHANNELS, clock_at
+from tests.support.clock import clock_at
 from tests.support.factories import add_delivery, add_event, add_pref, add_user
 from tests.support.fakes.fixtures import with_fakes
 
@@ -400,7 +400,13 @@ def test_it_runs_without_any_channel_configured(engine, settings, now):
         user = add_user(conn)
         add_pref(conn, user)
         event = add_event(conn, created_at=NOON)
-    run(engine, settings, NOON, ("a", "b", "c"))  # NO channels: skipped, not configured
+    run(engine, settings, NOON, ("a", "b", "c"))  # no channel configured: the sender skips it
     email = channel(why(engine, settings, user, event, now), "email")
-    assert email["outcome"].startswith("skipped: ")
-    assert NO_CHANNELS.get("email") is None
+    assert email["outcome"] == "skipped: email not configured: ALERTS_SMTP_HOST is not set"
+
+
+def test_an_unreachable_database_is_one_line_naming_database_url():
+    result = invoke("postgresql://alerts:s3cr3t@127.0.0.1:9/alerts", "--user", "1", "--event", "1")
+    assert result.exit_code == 3
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: DATABASE_URL postgresql://alerts:***@127.0.0.1:9/alerts: cannot reach")
