@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import select
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -46,7 +48,12 @@ def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, 
     """``prepared_statements=False`` (ALERTS_DB_PREPARED_STATEMENTS=off) for a
     transaction-pooling PgBouncer that does not track them: statements prepared on one
     server connection would meet another client there ("prepared statement \"_pg3_0\"
-    already exists") or be missing on the next."""
+    already exists") or be missing on the next.
+
+    A pooled PostgreSQL connection is checked at checkout without a round trip (no
+    ``pool_pre_ping``): one the server closed while it sat idle is replaced
+    (``_closed_by_server``), and ``Database.run`` runs a statement again on a fresh
+    connection when its connection died anyway."""
     url_obj = sa.engine.make_url(url)
     if url_obj.get_backend_name() == "sqlite":
         engine = sa.create_engine(url_obj, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
@@ -69,7 +76,23 @@ def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, 
     # Phase D committed before the claim in the same transaction shut it out, which a
     # REPEATABLE READ default would hide.
     kwargs.setdefault("isolation_level", "READ COMMITTED")
-    return sa.create_engine(url_obj, pool_pre_ping=True, execution_options=ENGINE_OPTIONS, **kwargs)
+    engine = sa.create_engine(url_obj, execution_options=ENGINE_OPTIONS, **kwargs)
+    event.listen(engine, "checkout", _closed_by_server)
+    return engine
+
+
+def _closed_by_server(dbapi_connection, _record, _proxy) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, without the pre-ping's round trip:
+    an idle connection has nothing to read unless the server sent its farewell (a
+    restart, ``pg_terminate_backend``, an idle timeout) or closed the socket. Raising
+    DisconnectionError makes the pool replace it with a fresh one."""
+    pgconn = dbapi_connection.pgconn
+    try:
+        readable, _, _ = select.select([pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        raise sa.exc.DisconnectionError("the connection's socket is gone") from None
+    if readable or pgconn.status != psycopg.pq.ConnStatus.OK:
+        raise sa.exc.DisconnectionError("the server closed the connection while it sat in the pool")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -126,6 +149,28 @@ class Database:
         else:
             with self.engine.begin() as conn:
                 yield conn
+
+    def run(self, statements: Callable[[Connection], T]) -> T:
+        """``statements(conn)`` on a connection where each statement commits on its own
+        (autocommit): one round trip each, no BEGIN, no COMMIT — the send path's claim,
+        load and record. For statements that are safe to run twice (a claim that already
+        took its rows takes nothing more, a read, a write fenced on its claim): one that
+        fails because the pooled connection it got was dead (the server restarted or
+        ended it while it sat idle) is run once more on a fresh connection. In a dry run
+        and on SQLite, a ``transaction()``."""
+        if self._dry_conn is not None or not self.is_postgres:  # SQLite: in-process, no round trips
+            with self.transaction() as conn:
+                return statements(conn)
+        for last in (False, True):
+            try:
+                with self.engine.connect() as conn:
+                    return statements(conn.execution_options(isolation_level="AUTOCOMMIT"))
+            except sa.exc.DBAPIError as exc:
+                if last or not exc.connection_invalidated:
+                    raise
+                log.info("a pooled database connection was closed by the server (%s); using a fresh one",
+                         type(exc.orig).__name__)
+        raise AssertionError("unreachable")
 
     @classmethod
     @contextmanager

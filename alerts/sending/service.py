@@ -3,11 +3,12 @@ at a time) and the Celery send tasks (one row at a time) both send through
 ``send_claimed``; how it keeps every message to at most one send is
 docs/architecture.md, "How a send works".
 
-1. **claim and load**, in one committed transaction: the claim (``outbox.claim``) takes
-   the rows — only one process can win a row — and counts the attempt; the load
-   (``outbox.load``), a statement after it, reads what the sends need, so it sees every
-   digest item Phase D committed before the claim shut it out. A message that cannot be
-   built fails its own row (``internal error: <type>``), never the batch;
+1. **claim, then load**, each one autocommitted statement (``Database.run``): the claim
+   (``outbox.claim``) takes the rows — only one process can win a row — and counts the
+   attempt; the load (``outbox.load``), after the claim committed, reads what the sends
+   need, so it sees every digest item Phase D committed before the claim shut it out. A
+   message that cannot be built fails its own row (``internal error: <type>``), never
+   the batch;
 2. **ask**, before each send, what a send must ask first: whether the user unsubscribed
    or the destination was blocked since the batch was loaded (``outbox.recheck``, for
    every job after the first of a batch), and, for Telegram, the rate limiter
@@ -16,9 +17,13 @@ docs/architecture.md, "How a send works".
    long to wait (a Celery task re-schedules itself);
 3. **send** outside any transaction (``attempt``). An exception that is not a provider's
    answer fails that row with ``internal error: <type>`` (traceback logged);
-4. **record** the outcome in a transaction of its own, committed before the next send
-   starts and before a task returns — so before Celery acks it. A dropped database
-   connection is ridden out (``db.retrying``).
+4. **record** the outcome, one statement fenced on the claim (a transaction when a block
+   is recorded with it), committed before the next send starts and before a task
+   returns — so before Celery acks it. A dropped database connection is ridden out
+   (``db.retrying``).
+
+A digest sent by a Celery task thus costs three round trips to the database (claim,
+load, record); a Telegram row that must wait for the limit, one more (the release).
 
 Whatever happens, no claim of this batch is left in ``sending``: rows not sent go back
 to ``queued`` as they were (no attempt counted) — also when the batch outlasts half the
@@ -133,8 +138,7 @@ def send_one(db: Database, outbox: Outbox, row_id: int, clock: Clock, settings: 
     rows), so the caller can look again soon instead of leaving it to the re-enqueue age."""
     sent = send_claimed(db, outbox, clock, settings, channels, limit=1, row_id=row_id, slot=slot, rng=rng)
     if not sent.outcomes and sent.deferred is None:
-        with db.transaction() as conn:
-            sent.locked = outbox.waiting(conn, row_id, clock.now())
+        sent.locked = db.run(lambda conn: outbox.waiting(conn, row_id, clock.now()))
     return sent
 
 
@@ -144,14 +148,21 @@ def _destination(job: Job) -> tuple[int, str, str | None]:
 
 def _claim_and_load(db: Database, outbox: Outbox, clock: Clock, settings: Settings, channels: ChannelSet,
                     limit: int, row_id: int | None) -> list[Job]:
-    with db.transaction() as conn:
-        claimed = outbox.claim(conn, clock.now(), limit, row_id=row_id)
-        return outbox.load(conn, claimed, settings, channels) if claimed else []
+    """The claim, committed on its own, then the load: two statements, a round trip each.
+    The load runs after the claim committed, so it sees every digest item Phase D
+    committed before the claim shut it out. A load that fails gives the claims back."""
+    claimed = db.run(lambda conn: outbox.claim(conn, clock.now(), limit, row_id=row_id))
+    if not claimed:
+        return []
+    try:
+        return db.run(lambda conn: outbox.load(conn, claimed, settings, channels))
+    except BaseException:
+        _release(db, outbox, claimed)
+        raise
 
 
 def _recheck(db: Database, outbox: Outbox, job: Job) -> str | None:
-    with db.transaction() as conn:
-        return outbox.recheck(conn, job)
+    return db.run(lambda conn: outbox.recheck(conn, job))
 
 
 def _ask_limiter(job: Job, channels: ChannelSet, slot: str | None,
@@ -176,8 +187,13 @@ def _ask_limiter(job: Job, channels: ChannelSet, slot: str | None,
 
 
 def _record(db: Database, outbox: Outbox, job: Job, outcome: retry.Outcome, clock: Clock) -> None:
+    """One statement (fenced on the claim: safe to run again), or, when the destination is
+    gone, one transaction that also records the block and skips what waits for it."""
+    if not outcome.gone:
+        db.run(lambda conn: outbox.record(conn, job, outcome))
+        return
     with db.transaction() as conn:
-        if outbox.record(conn, job, outcome) and outcome.gone:
+        if outbox.record(conn, job, outcome):
             blocks.record(conn, job.user_id, job.channel, job.recipient, outcome.last_error, clock.now())
             skipped = sum(ob.skip_queued(conn, job.user_id, job.channel, m.destination_disabled(outcome.last_error),
                                          blocks.address_unchanged(job.user_id, job.channel, job.recipient),
@@ -205,11 +221,8 @@ def _migrate_chat(db: Database, jobs: list[Job], old: str, new: str) -> None:
 
 
 def _release(db: Database, outbox: Outbox, claimed: list[ob.Claim], **hold) -> None:
-    def give_back() -> None:
-        with db.transaction() as conn:
-            outbox.release(conn, claimed, **hold)
-
-    retrying(give_back, f"giving back {len(claimed)} {outbox.name} claim(s)")
+    retrying(lambda: db.run(lambda conn: outbox.release(conn, claimed, **hold)),
+             f"giving back {len(claimed)} {outbox.name} claim(s)")
 
 
 def attempt(job: Job, clock: Clock, settings: Settings, channels: ChannelSet,

@@ -87,10 +87,10 @@ def test_a_message_that_cannot_be_built_fails_that_row_alone(engine, monkeypatch
     first, broken, last = seed(engine, users=[1, 2, 3])
     real = alerts.sending.outbox.render_instant
 
-    def render(channel, row, *, delivery_id, settings):
+    def render(channel, row, *, delivery_id, **kwargs):
         if delivery_id == broken:
             raise ZeroDivisionError("a template bug")
-        return real(channel, row, delivery_id=delivery_id, settings=settings)
+        return real(channel, row, delivery_id=delivery_id, **kwargs)
 
     monkeypatch.setattr(alerts.sending.outbox, "render_instant", render)
     channel = Scripted()
