@@ -182,7 +182,9 @@ def _parse() -> argparse.Namespace:
 
 
 def _machine() -> dict:
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "python_speed_us": python_speed_us()}
+    # The load average says how much else ran: on a shared host the times move with it.
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "python_speed_us": python_speed_us(),
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
 
 
 # --- the fixture ------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def _report(r: dict) -> None:
     print(f"fixture: {f['deliveries']:,} deliveries ({f['deliveries_table_size']}), {f['users']:,} users, "
           f"{f['prefs']:,} subscriptions, {f['events']:,} events, {f['digests']:,} digests "
           f"({f['digest_items']:,} items), {f['blocks']:,} blocks; PostgreSQL {f['postgresql']}; "
-          f"python_speed_us {r['machine']['python_speed_us']}")
+          f"python_speed_us {r['machine']['python_speed_us']}, load average {r['machine']['load_average_1m_at_start']}")
     print(f"explain (in process, {e['samples']} pairs, {e['with_a_delivery']} with a delivery, "
           f"{e['statements_per_explain']} statements each): median {e['median_ms']} ms, p95 {e['p95_ms']} ms, "
           f"max {e['max_ms']} ms; sequential scans of large tables: {e['seq_scans_of_large_tables'] or 'none'}")

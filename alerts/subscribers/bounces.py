@@ -36,7 +36,7 @@ import email.parser
 import email.policy
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
 from email.utils import getaddresses
@@ -90,7 +90,7 @@ class Report:
     kind: str | None  # DSN, ARF, or None: not a report we act on
     recipients: tuple[Recipient, ...] = ()
     feedback_type: str | None = None
-    addresses: tuple[str, ...] = ()  # where a token may be, in search order (--recipient comes first)
+    addresses: tuple[str, ...] = ()  # where a token may be, in search order (after --recipient)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Decision:
 
     user_id: int
     kind: str
-    failed: tuple[Recipient, ...] = field(default=())
+    failed: tuple[Recipient, ...] = ()
 
 
 # --- reading ---------------------------------------------------------------------------------
