@@ -62,11 +62,8 @@ class _RememberingHeaders(HeaderRegistry):
     structure headers and most subjects repeat from one message to the next. Parsed
     headers are immutable, so sharing them is safe.
 
-    With the boundary ``build_mime`` sets itself, building a 3-item digest's message
-    takes 0.38 ms instead of the stock 0.98 ms, which was the largest CPU cost of a send.
-    Measured with bench/bench_latency.py (2 processes x 8 threads, four paired runs):
-    0.613 of the bare pool with the stock registry, 0.677 with this; workers' CPU per
-    1,000 digests 3.7 s -> 3.0 s (replit.md, "What one send costs").
+    Building the message is the largest CPU cost of a send; what this saves, and how it
+    was measured, is in docs/decisions.md ("Mechanisms kept for speed").
     """
 
     @functools.lru_cache(maxsize=None)

@@ -63,10 +63,8 @@ def make_engine(url: str, *, connect_timeout: int = PG_CONNECT_TIMEOUT_SECONDS, 
         if url_obj.drivername == "postgresql":
             # psycopg 3, not SQLAlchemy's default psycopg2: it prepares a statement on the
             # server once it has run five times on a connection (``prepare_threshold``), so
-            # PostgreSQL stops planning the sender's claim, load and record on every send;
-            # and the pool's pre-ping is one round trip, where psycopg2 with an isolation
-            # level set takes three (it SETs default_transaction_isolation around the ping's
-            # switch to autocommit). Measured in replit.md, "What one send costs".
+            # PostgreSQL stops planning the sender's claim, load and record on every send
+            # (docs/decisions.md, "Why psycopg 3").
             url_obj = url_obj.set(drivername="postgresql+psycopg")
         connect_args = {} if "connect_timeout" in url_obj.query else {"connect_timeout": connect_timeout}
         if not prepared_statements:

@@ -311,9 +311,9 @@ def _unsubscribed(t: sa.Table) -> sa.ColumnElement:
     (SPEC §11.2). Read after the claim, so a row claimed after an unsubscribe committed
     is skipped, even one a concurrent fan-out made from preferences read just before.
 
-    One scalar subquery (an index probe per row): a 200-row load 2.5 -> 3.2 ms. An
-    EXISTS / NOT EXISTS pair, which PostgreSQL turns into joins over the whole table,
-    took 2.9 -> 7.3 ms (bench/bench_unsubscribe.py, 5,000 users, 15,000 preferences)."""
+    One scalar subquery, an index probe per row: an EXISTS / NOT EXISTS pair, which
+    PostgreSQL turns into joins over the whole table, cost more than twice as much
+    (bench/bench_unsubscribe.py; docs/decisions.md)."""
     p = m.user_alert_prefs
     on_channel = [p.c.user_id == t.c.user_id, p.c.channel == t.c.channel]
     any_enabled = sa.select(sa.func.max(sa.case((p.c.enabled, 1), else_=0))).where(*on_channel).scalar_subquery()
