@@ -34,6 +34,7 @@ import hmac
 import html
 import logging
 import re
+import time
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -368,14 +369,25 @@ def _is_int(value: object) -> bool:
 
 # --- replies -----------------------------------------------------------------------------
 
-def deliver(engine: Engine, channel: Channel | None, reply: Reply, now: datetime) -> str:
-    """Send ``reply`` through the Telegram channel; what became of it. A chat that is gone
-    is blocked as a send's answer would block it; a chat that moved is updated and the
-    reply sent there; any other failure is logged (the update stays handled)."""
+# The longest a reply waits for Telegram's rate limit before the webhook answers.
+REPLY_MAX_WAIT_SECONDS = 5.0
+
+
+def deliver(engine: Engine, channel: Channel | None, reply: Reply, now: datetime, limiter=None,
+            sleep=time.sleep) -> str:
+    """Send ``reply`` through the Telegram channel; what became of it. It first asks the
+    Telegram limiter the sends share (alerts/sending/ratelimit.py), waiting a few seconds
+    at most. A chat that is gone is blocked as a send's answer would block it; a chat
+    that moved is updated and the reply sent there; any other failure is logged (the
+    update stays handled)."""
     if channel is None:
         log.warning("telegram reply not sent: the Telegram channel is not configured")
         return "not configured"
     chat_id = reply.chat_id
+    if limiter is not None and not _slot(limiter, chat_id, sleep):
+        log.warning("telegram reply not sent: the chat's rate limit is booked for longer than %ss",
+                    REPLY_MAX_WAIT_SECONDS)
+        return "rate limited"
     for _ in range(2):
         try:
             channel.send(chat_id, TextMessage(reply.text))
@@ -393,6 +405,21 @@ def deliver(engine: Engine, channel: Channel | None, reply: Reply, now: datetime
                         "gone" if exc.gone else "permanent" if exc.permanent else "transient", exc.reason)
             return "failed"
     return "failed"
+
+
+def _slot(limiter, chat_id: str, sleep) -> bool:
+    """Book a send slot for the chat, sleeping until it comes; False past the longest wait."""
+    chat_held = False
+    while True:
+        permit = limiter.acquire(chat_id, chat_held=chat_held, max_reserve=REPLY_MAX_WAIT_SECONDS)
+        if permit.go and permit.wait <= 0:
+            return True
+        if permit.wait > REPLY_MAX_WAIT_SECONDS or not (permit.go or permit.chat_held):
+            return False
+        sleep(permit.wait)
+        if permit.go:
+            return True
+        chat_held = True
 
 
 # --- registering the webhook --------------------------------------------------------------

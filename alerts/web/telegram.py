@@ -22,6 +22,7 @@ from flask import Blueprint, abort, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from alerts.channels.telegram import TelegramChannel
+from alerts.sending.ratelimit import runner_limiter
 from alerts.subscribers import telegram_bot
 from alerts.web.common import context
 
@@ -34,6 +35,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # message it replies to); anything beyond this is answered 200 and ignored.
 WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
 _CHANNEL_KEY = "alerts.telegram_channel"
+_LIMITER_KEY = "alerts.telegram_limiter"
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 
@@ -45,6 +47,13 @@ def _channel() -> TelegramChannel | None:
     if _CHANNEL_KEY not in current_app.extensions:
         current_app.extensions[_CHANNEL_KEY] = TelegramChannel(settings)
     return current_app.extensions[_CHANNEL_KEY]
+
+
+def _limiter():
+    """The Telegram limit the sends share (Redis), or one of this process's own."""
+    if _LIMITER_KEY not in current_app.extensions:
+        current_app.extensions[_LIMITER_KEY] = runner_limiter(context().settings.ratelimit_redis_url)
+    return current_app.extensions[_LIMITER_KEY]
 
 
 def _authentic(secret: str) -> bool:
@@ -74,7 +83,8 @@ def webhook():
     try:
         outcome = telegram_bot.handle_update(engine, update, context().settings, now)
         if outcome.reply is not None:
-            outcome.action += f"; reply {telegram_bot.deliver(engine, _channel(), outcome.reply, now)}"
+            reply = telegram_bot.deliver(engine, _channel(), outcome.reply, now, limiter=_limiter())
+            outcome.action += f"; reply {reply}"
     except DATABASE_DOWN:
         raise  # 503 (or 500): the update was not handled, and Telegram delivers it again
     except Exception:  # noqa: BLE001 - one odd update must not make Telegram redeliver it for ever
