@@ -638,3 +638,49 @@ def test_set_webhook_refused_by_telegram_exits_1_with_its_words(sqlite_url, prov
     result = CliRunner().invoke(cli, ["telegram", "set-webhook"], env=env)
     assert result.exit_code == 1 and "HTTPS URL must be provided" in result.output
     assert provider_api.bot_token not in result.output
+
+
+# --- replies and the rate limit -------------------------------------------------------------
+
+class _Recording:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, recipient, message):
+        self.sent.append(recipient)
+
+
+def _limiter_and_clock():
+    from alerts.sending.ratelimit import LocalLimiter
+
+    ms = [0]
+    slept: list[float] = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        ms[0] += round(seconds * 1000)
+
+    return LocalLimiter(clock_ms=lambda: ms[0]), sleep, slept
+
+
+def test_a_second_reply_to_a_chat_within_its_second_waits_for_the_next_one():
+    limiter, sleep, slept = _limiter_and_clock()
+    channel = _Recording()
+    now = datetime(2026, 5, 12, tzinfo=timezone.utc)
+
+    outcomes = [bot.deliver(None, channel, bot.Reply("42", "hi"), now, limiter=limiter, sleep=sleep) for _ in range(2)]
+
+    assert outcomes == ["sent", "sent"] and channel.sent == ["42", "42"]
+    assert slept == [1.0]
+
+
+def test_a_reply_whose_slot_lies_beyond_the_longest_wait_is_not_sent():
+    limiter, sleep, slept = _limiter_and_clock()
+    for _ in range(int(bot.REPLY_MAX_WAIT_SECONDS) + 2):  # the workers booked the chat's next seconds
+        limiter.acquire("42", max_reserve=60)
+    channel = _Recording()
+
+    outcome = bot.deliver(None, channel, bot.Reply("42", "hi"), datetime.now(timezone.utc), limiter=limiter,
+                          sleep=sleep)
+
+    assert outcome == "rate limited" and channel.sent == [] and slept == []
