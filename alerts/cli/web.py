@@ -29,7 +29,7 @@ class _RedactingHandler(WSGIRequestHandler):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 def web(host: str, port: int) -> None:
-    """Serve the subscriber pages and /healthz (development server)."""
+    """Serve the web app (subscriber pages, Telegram webhook, /metrics, /healthz) on a development server."""
     from alerts.web import DB_CONNECT_TIMEOUT_SECONDS, check_secret_key, create_app
 
     settings = load_settings()

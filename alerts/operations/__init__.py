@@ -1,1 +1,1 @@
-"""Operator tools over the tables: status, check, preview, the demo."""
+"""Operator tools over the tables: status, check, explain, metrics (read at scrape time), preview, the sealed demo."""

@@ -1,1 +1,2 @@
-"""What subscribers act on: unsubscribe (and, later, preferences and the Telegram bot)."""
+"""What subscribers act on: unsubscribe, the preferences page's model, the Telegram bot,
+`alerts users`, and bounce and complaint reports."""
