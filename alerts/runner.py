@@ -1,4 +1,4 @@
-"""Cron-safe one-shot runner: ``python -m alerts.runner --phase all`` (SPEC §7), the
+"""Cron-safe one-shot runner: ``python -m alerts.runner --phase all`` (docs/architecture.md), the
 same command as ``alerts run`` (alerts/cli/run.py)."""
 from alerts.cli.run import run
 

@@ -1,4 +1,4 @@
-"""The event-driven instant path (SPEC §12.1): ``alerts.ingest_event`` stores an event
+"""The event-driven instant path (docs/deployment.md): ``alerts.ingest_event`` stores an event
 and, once that is committed, judges it, fans it out and publishes its due instant sends
 — seconds, instead of waiting for beat's intake/fan-out tick (30 s) and then its
 dispatch tick (15 s). Beat stays the safety net for events stored any other way

@@ -1,4 +1,4 @@
-"""Celery tasks (SPEC §8): thin shells over the phases, the outbox and the dispatch.
+"""Celery tasks (docs/deployment.md): thin shells over the phases, the outbox and the dispatch.
 
 Arguments are JSON only — row ids and, for tests and debugging, an optional ``now``
 (ISO-8601 with offset, the start of the task's clock) — so

@@ -16,7 +16,7 @@ from alerts.core.db import NotMigrated, check_migrated, connection_problem, make
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 3
-EXIT_UNREACHABLE = 3  # SPEC §12.5: the database cannot be reached
+EXIT_UNREACHABLE = 3  # docs/operations.md: the database cannot be reached
 # What a driver raises when it cannot connect (refused, timed out, no such database,
 # SQLite's "unable to open database file") or loses the connection.
 CONNECTION_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)

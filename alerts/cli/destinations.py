@@ -1,4 +1,4 @@
-"""``alerts destinations``: the destinations a provider said are gone (SPEC §11.6)."""
+"""``alerts destinations``: the destinations a provider said are gone (docs/policy.md)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""``alerts run`` and ``python -m alerts.runner``: run pipeline phases once (SPEC §7).
+"""``alerts run`` and ``python -m alerts.runner``: run pipeline phases once (docs/architecture.md).
 
 Exit codes: 0 success (also when a phase was locked or sends failed — those are recorded
 in the rows), 2 bad usage / bad configuration / unmigrated database, 3 unexpected error.

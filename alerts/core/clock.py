@@ -8,7 +8,7 @@ claim taken ten minutes into a run is stamped ten minutes after ``--now``, and a
 never dated back into the past, where another process's lease recovery, judging it by
 its own clock, would take it for abandoned and send it again (found by the soak).
 
-A clock may carry the run's time limit (``--max-seconds``, SPEC §12.2): ``out_of_time()``
+A clock may carry the run's time limit (``--max-seconds``, docs/deployment.md): ``out_of_time()``
 says when it has passed, and the phases stop starting new work then.
 
 Tests pass a clock whose ``monotonic`` they advance by hand instead of sleeping.

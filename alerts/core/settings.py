@@ -1,4 +1,4 @@
-"""Settings: built once from the environment and validated as a whole (SPEC §6).
+"""Settings: built once from the environment and validated as a whole (docs/configuration.md).
 
 Every variable is checked at start, whether or not this run uses it; a bad value raises
 ``ConfigError`` naming the variable, which the command line turns into exit code 2.
@@ -18,7 +18,7 @@ from alerts.core.timeofday import parse_time_of_day
 EMAIL_BACKENDS = ("smtp", "file")
 SMTP_TLS_MODES = ("none", "starttls", "ssl")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-# SPEC §12.5: the database kinds we run on; ``postgres://`` (as many hosts write it) is
+# docs/operations.md: the database kinds we run on; ``postgres://`` (as many hosts write it) is
 # read as ``postgresql://``, the rest of the URL (query options included) unchanged.
 DATABASE_KINDS = ("postgresql", "sqlite")
 DATABASE_SCHEME_ALIASES = {"postgres": "postgresql"}
@@ -73,11 +73,11 @@ class Settings:
     digest_period: str = "daily"
     hourly_digest_plans: frozenset[str] = frozenset()
     app_base_url: str | None = None
-    # SPEC §10: the reader's schedule
+    # docs/policy.md: the reader's schedule
     digest_send_time: str = "00:00"
     digest_bypass_severity: int | None = None
     quiet_hours_bypass_severity: int = 5
-    # SPEC §11: the subscriber-facing web app
+    # docs/web-and-security.md: the subscriber-facing web app
     public_url: str | None = None
     secret_key: str | None = field(default=None, repr=False)
     # Operators: /metrics' bearer token; the envelope sender that collects bounces (VERP)

@@ -25,7 +25,7 @@ BATCHED_INTO_DIGEST = "batched_into_digest"
 SMS_DIGEST_NOT_SUPPORTED = "sms_digest_not_supported"
 USER_INACTIVE = "user is inactive"
 DIGEST_WITHOUT_ITEMS = "digest has no items"
-# SPEC §11.2: skipped because the user unsubscribed from the channel (alerts/subscribers/unsubscribe.py).
+# docs/web-and-security.md: skipped because the user unsubscribed from the channel (alerts/subscribers/unsubscribe.py).
 UNSUBSCRIBED = "unsubscribed"
 
 
@@ -110,7 +110,7 @@ users = sa.Table(
     sa.Column("digest_period", sa.Text),
     sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
-    # SPEC §10 (migration 0004, which also holds their format CHECKs): the user's local
+    # docs/policy.md (migration 0004, which also holds their format CHECKs): the user's local
     # time of day that ends one daily window (HH:MM) and their quiet period (HH:MM-HH:MM).
     sa.Column("digest_send_time", sa.Text),
     sa.Column("quiet_hours", sa.Text),
@@ -154,7 +154,7 @@ alert_events = sa.Table(
     sa.Column("status", sa.Text, nullable=False, server_default="new"),
     sa.Column("reject_reason", sa.Text),
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=sa.func.now()),
-    # SPEC §10.3 (migration 0004): the producer's key for one story told in several events.
+    # docs/policy.md (migration 0004): the producer's key for one story told in several events.
     sa.Column("collapse_key", sa.Text),
     sa.CheckConstraint(_in("status", EVENT_STATUSES), name="ck_events_status"),
 )

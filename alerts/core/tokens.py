@@ -1,4 +1,4 @@
-"""Signed tokens and the links that carry them (SPEC §11.1): what an email's unsubscribe
+"""Signed tokens and the links that carry them (docs/web-and-security.md): what an email's unsubscribe
 link names. Kept below messages and subscribers, which both need them.
 
 A token names one user and one channel, nothing else (no address): itsdangerous signs

@@ -1,4 +1,4 @@
-"""Phase D — group pending digest deliveries into digests (SPEC §4 D).
+"""Phase D — group pending digest deliveries into digests (docs/architecture.md).
 
 Set-based, in one transaction, on PostgreSQL and SQLite alike, through three small
 temporary tables:

@@ -1,5 +1,5 @@
 """Phase B — fan-out: one delivery per (user, event, channel) for every ready event
-(SPEC §4 B).
+(docs/architecture.md).
 
 Set-based, in one transaction, on PostgreSQL and SQLite alike:
 1. take the ``ready`` events into a temporary table — the one id set both later
@@ -11,7 +11,7 @@ Set-based, in one transaction, on PostgreSQL and SQLite alike:
 4. when some of those events carry a ``collapse_key`` (§10.3): supersede the older queued
    instant deliveries of each (user, channel, key) they touched.
 
-Delivery policy (SPEC §10), folded into statement 2 so it stays one statement:
+Delivery policy (docs/policy.md), folded into statement 2 so it stays one statement:
 - *bypass* (``ALERTS_DIGEST_BYPASS_SEVERITY``): from that severity a matching digest pref
   makes an instant delivery (an sms digest pref too: an instant SMS);
 - *quiet hours*: an instant delivery below ``ALERTS_QUIET_HOURS_BYPASS_SEVERITY`` for a

@@ -1,4 +1,4 @@
-"""Quiet hours (SPEC §10.4): pure functions over a user's ``HH:MM-HH:MM`` period.
+"""Quiet hours (docs/policy.md): pure functions over a user's ``HH:MM-HH:MM`` period.
 
 The period is local wall-clock time and may wrap midnight (``22:00-07:00``). The start
 is inside it, the end is not; equal start and end is malformed. An instant delivery

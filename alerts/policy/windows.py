@@ -1,4 +1,4 @@
-"""Digest windows: which local day or hour an instant falls in, as UTC bounds (SPEC §4 D, §10.1).
+"""Digest windows: which local day or hour an instant falls in, as UTC bounds (docs/policy.md).
 
 A daily window runs from the user's send time T on one local day to T on the next
 (T = 00:00 gives the calendar day): its bounds are *day starts*, the first instant of a

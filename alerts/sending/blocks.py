@@ -1,4 +1,4 @@
-"""Destination health (SPEC §11.3-11.6): ``user_channel_blocks``, one row per (user, channel)
+"""Destination health (docs/policy.md): ``user_channel_blocks``, one row per (user, channel)
 whose destination a provider said is gone.
 
     record(conn, …)        a gone answer: upsert the block — in the transaction of the failed

@@ -1,5 +1,5 @@
 """The two sendable tables — instant deliveries and digests — and every operation a
-sender performs on them (SPEC §4 C). Phase C, the Celery dispatch and the send tasks
+sender performs on them (docs/architecture.md). Phase C, the Celery dispatch and the send tasks
 touch a row's send state through these and nothing else:
 
     due(now)                    the WHERE clause of the queued rows that may go out at ``now``
@@ -308,7 +308,7 @@ def _user_columns() -> list[sa.Column]:
 
 def _unsubscribed(t: sa.Table) -> sa.ColumnElement:
     """The row's user has preferences on its channel and none enabled: unsubscribed
-    (SPEC §11.2). Read after the claim, so a row claimed after an unsubscribe committed
+    (docs/web-and-security.md). Read after the claim, so a row claimed after an unsubscribe committed
     is skipped, even one a concurrent fan-out made from preferences read just before.
 
     One scalar subquery, an index probe per row: an EXISTS / NOT EXISTS pair, which

@@ -1,4 +1,4 @@
-"""One-click unsubscribe (SPEC §11.2): the one transaction that unsubscribes, resubscribing,
+"""One-click unsubscribe (docs/web-and-security.md): the one transaction that unsubscribes, resubscribing,
 and the wait for sends in flight. The token an email's link carries is alerts/core/tokens.py.
 
 "Never sent after the 200" holds by three things together:

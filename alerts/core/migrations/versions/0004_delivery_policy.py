@@ -1,4 +1,4 @@
-"""delivery policy (SPEC §10): users.digest_send_time, users.quiet_hours, alert_events.collapse_key
+"""delivery policy (docs/policy.md): users.digest_send_time, users.quiet_hours, alert_events.collapse_key
 
 Both user columns carry CHECK constraints on their format, written so they mean the same
 on PostgreSQL and SQLite (no regular expressions, no collation-dependent ranges: only

@@ -1,4 +1,4 @@
-"""destination health (SPEC §11.3): user_channel_blocks
+"""destination health (docs/policy.md): user_channel_blocks
 
 One row per (user, channel) whose destination a provider said is gone: the address that
 failed and the provider's reason. Phase C skips that destination while the user's address

@@ -1,4 +1,4 @@
-"""collapse and quiet-hours indexes (SPEC §10.3, §10.4)
+"""collapse and quiet-hours indexes (docs/policy.md)
 
 - ``ix_events_collapse_key``: Phase B finds the earlier events of a story (same
   ``collapse_key``) to supersede their queued instant deliveries, without a scan of
