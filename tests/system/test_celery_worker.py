@@ -1,5 +1,5 @@
 """Real ``celery worker`` and ``celery beat`` processes, PostgreSQL and the test SMTP
-server: what production runs, end to end — on both brokers SPEC §12.3 supports.
+server: what production runs, end to end — on both brokers docs/deployment.md supports.
 
 Each test runs twice: on Redis (a database of the session's private redis-server,
 flushed around the test) and on RabbitMQ (a vhost of the test's own, created for it and
@@ -226,7 +226,7 @@ def test_a_worker_with_a_bad_setting_exits_2_naming_it(broker_url, broker_env, p
 
 @pytest.mark.parametrize("command", [["-m", "celery", "-A", "celery_app", "worker"], ["-m", "alerts", "status"]])
 def test_rabbitmq_with_a_bot_token_and_no_ratelimit_redis_exits_2_naming_it(command, sqlite_url):
-    """SPEC §12.3: without a Redis to share it in, the Telegram limit would silently be off."""
+    """docs/deployment.md: without a Redis to share it in, the Telegram limit would silently be off."""
     env = celery_env(f"{AMQP_ROOT}/", sqlite_url, "127.0.0.1", 25, ALERTS_TELEGRAM_BOT_TOKEN="123:abc")
     result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)
@@ -364,8 +364,7 @@ def test_a_worker_killed_right_after_a_send_leaves_no_duplicate(client, broker_u
                                                                 pg_database, tmp_path):
     """The pool process dies after the send task returned but before Celery acked it: the
     broker redelivers the task, and the outcome committed before the return makes the
-    rerun a no-op — no second message, now or after the lease (the only duplicate SPEC
-    §2.7 allows is a death between the provider's answer and that commit)."""
+    rerun a no-op — no second message, now or after the lease (the only duplicate docs/architecture.md allows is a death between the provider's answer and that commit)."""
     digest = add_digest(conn, add_user(conn))
     marker = tmp_path / "died"
     env = celery_env(broker_url, pg_database, smtp_server.host, smtp_server.port, **broker_env,

@@ -1,4 +1,4 @@
-"""SPEC §12.5: a database that cannot be reached is one line naming DATABASE_URL and the
+"""docs/operations.md: a database that cannot be reached is one line naming DATABASE_URL and the
 cause — never the password — and exit 3; an unsupported kind exits 2; ``postgres://``
 works as ``postgresql://``. Real processes, as an operator runs them."""
 from __future__ import annotations

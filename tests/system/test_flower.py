@@ -1,5 +1,5 @@
 """Flower (``celery -A celery_app flower``) against the test broker with a worker running:
-its HTTP API lists every task name of SPEC §8 on the worker."""
+its HTTP API lists every task name of docs/deployment.md on the worker."""
 from __future__ import annotations
 
 import socket

@@ -1,5 +1,5 @@
-"""deploy/github-actions/alerts-cron.yml (SPEC §12.2): valid against GitHub's workflow
-schema, nothing of medium or high severity from zizmor, and the settings SPEC asks for."""
+"""deploy/github-actions/alerts-cron.yml (docs/deployment.md): valid against GitHub's workflow
+schema, nothing of medium or high severity from zizmor, and the settings the deployment docs ask for."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The event-driven instant path with a real ``celery worker`` and no beat (SPEC §12.1):
+"""The event-driven instant path with a real ``celery worker`` and no beat (docs/deployment.md):
 ``alerts.ingest_event`` alone gets an instant email to the SMTP server, once."""
 from __future__ import annotations
 

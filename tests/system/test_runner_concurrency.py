@@ -1,4 +1,4 @@
-"""Several runner processes at once on one PostgreSQL database (SPEC §2.1, §4 locks):
+"""Several runner processes at once on one PostgreSQL database (docs/architecture.md locks):
 every message leaves exactly once, every digest delivery ends in exactly one sent
 digest, and a phase whose lock is taken reports `locked` and exits 0."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A supersede racing the send of the row it supersedes (SPEC §10.3, §2.1-2.2), with real
+"""A supersede racing the send of the row it supersedes (docs/policy.md), with real
 processes on one PostgreSQL database: two senders without the phase lock (as the Celery
 send tasks run) are sending the older deliveries of many stories while a Phase B runner
 fans out a newer event of each story. For every story the older delivery ends either

@@ -1,4 +1,4 @@
-"""One-click unsubscribe racing real sender processes (SPEC §11.2): every row is either
+"""One-click unsubscribe racing real sender processes (docs/web-and-security.md): every row is either
 sent before the POST's 200 or skipped `unsubscribed` — never sent after the 200, never
 sent twice, never lost.
 

@@ -1,4 +1,4 @@
-"""The web app served by real servers (SPEC §11.2): gunicorn answering the one-click POST
+"""The web app served by real servers (docs/web-and-security.md): gunicorn answering the one-click POST
 a mail provider sends, and the unsubscribe page in a real browser (headless Chromium
 driven by Playwright) served by ``alerts web``."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The event-driven instant path (SPEC §12.1): ``alerts.ingest_event`` judges, fans out and
+"""The event-driven instant path (docs/deployment.md): ``alerts.ingest_event`` judges, fans out and
 publishes its event's due instant sends itself, without a beat tick.
 
 Tasks run with ``task.apply()`` on PostgreSQL; the tasks they publish really go to Redis

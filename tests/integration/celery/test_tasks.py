@@ -654,7 +654,7 @@ class WatchingChannel:
 def test_phase_c_commits_each_claim_before_its_send_and_each_outcome_before_the_next_send(
         db_url, settings, smtp_server):
     """So a crash at any moment leaves at most the one send in flight unrecorded (the
-    window SPEC §2.7 allows), never a row whose outcome was known."""
+    window docs/architecture.md allows), never a row whose outcome was known."""
     from alerts.channels.email import SmtpEmailChannel
     from alerts.channels.registry import ChannelSet
     from alerts.core.db import Database

@@ -1,4 +1,4 @@
-"""Destination health (SPEC §11.3-11.4) through the Celery send tasks (``send_delivery``,
+"""Destination health (docs/policy.md) through the Celery send tasks (``send_delivery``,
 ``send_digest``) on PostgreSQL: the same send path as Phase C, one row per task."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`alerts preview --user ID --date D` (SPEC §10.5): the daily window that starts on local
+"""`alerts preview --user ID --date D` (docs/policy.md): the daily window that starts on local
 date D at the user's send time, as it will be sent."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Delivery policy in Phase B and its effect on Phase C (SPEC §10.2-§10.4), on both
+"""Delivery policy in Phase B and its effect on Phase C (docs/policy.md), on both
 databases: digest bypass, quiet hours, and the supersede of queued instant deliveries by
 a newer event of the same collapse_key."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad delivery-policy input (SPEC §10, issue 11 point 5): the database refuses a malformed
+"""Bad delivery-policy input (docs/policy.md, issue 11 point 5): the database refuses a malformed
 send time or quiet period (CHECK constraints of migration 0004, PostgreSQL and SQLite),
 and a malformed §10 setting exits 2 naming its variable."""
 from __future__ import annotations

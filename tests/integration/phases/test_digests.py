@@ -1,4 +1,4 @@
-"""Phase D — digest build (SPEC §4 D), on PostgreSQL and SQLite."""
+"""Phase D — digest build (docs/architecture.md), on PostgreSQL and SQLite."""
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,4 @@
-"""Phase D with send times (SPEC §10.1): daily windows end at the user's local send time,
+"""Phase D with send times (docs/policy.md): daily windows end at the user's local send time,
 on PostgreSQL and SQLite."""
 from __future__ import annotations
 

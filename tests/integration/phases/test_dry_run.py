@@ -1,4 +1,4 @@
-"""`--dry-run` as an operator runs it (SPEC §2.5): every phase reports what it would do,
+"""`--dry-run` as an operator runs it (docs/architecture.md): every phase reports what it would do,
 as if the earlier phases had run, and afterwards every row of every table is as it was
 and nothing reached the SMTP server or the provider API. On PostgreSQL and SQLite."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``--max-seconds N`` (SPEC §12.2): after N seconds from the runner's start no new send
+"""``--max-seconds N`` (docs/deployment.md): after N seconds from the runner's start no new send
 starts — the one in progress is finished and recorded, rows claimed but not sent go back
 to ``queued`` as they were, later phases are not started, exit 0 with the counts, and
 nothing is left in ``sending``."""

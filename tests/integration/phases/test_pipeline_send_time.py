@@ -1,4 +1,4 @@
-"""A 07:30 digest end to end (SPEC §10.1): events in through `alerts ingest`, the runner
+"""A 07:30 digest end to end (docs/policy.md): events in through `alerts ingest`, the runner
 as cron runs it, the digest out to the fake SMTP server at 07:30 with the night in it."""
 from __future__ import annotations
 

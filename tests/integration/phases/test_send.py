@@ -1,4 +1,4 @@
-"""Phase C — send (SPEC §4 C), through ``run_phases`` with real channels pointed at the
+"""Phase C — send (docs/architecture.md), through ``run_phases`` with real channels pointed at the
 fake SMTP server and the fake Telegram/Twilio API, on PostgreSQL and SQLite.
 
 What the channel tests already cover (classification of every provider answer, secrets
@@ -521,7 +521,7 @@ def test_an_abandoned_send_with_its_attempts_used_up_fails(engine, lease_setting
 
 @pytest.mark.parametrize("kind", ["instant", "digests"])
 def test_a_send_whose_commit_was_lost_is_resent_with_the_same_message_id(engine, lease_settings, smtp_server, kind):
-    """The one duplicate window SPEC §2.7 leaves: the provider accepted, the outcome was
+    """The one duplicate window docs/architecture.md leaves: the provider accepted, the outcome was
     never committed. The resend carries the same Message-ID so receivers can collapse it."""
     now = AFTER_WINDOW
     if kind == "instant":

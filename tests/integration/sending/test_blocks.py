@@ -1,4 +1,4 @@
-"""Destination health (SPEC §11.3-11.6): blocks recorded from the providers' real error
+"""Destination health (docs/policy.md): blocks recorded from the providers' real error
 answers, the rows they stop, chat migration, 401, and the operator commands — through the
 runner's Phase C (PostgreSQL and SQLite) and several sender processes racing on
 PostgreSQL (the Celery send tasks: test_destination_health_tasks.py and _worker.py).

@@ -1,4 +1,4 @@
-"""One-click unsubscribe, the parts outside the web app (SPEC §11.1): tokens, the headers
+"""One-click unsubscribe, the parts outside the web app (docs/web-and-security.md): tokens, the headers
 and links every email carries, the settings, and the sender skipping rows of a user who
 has unsubscribed."""
 from __future__ import annotations

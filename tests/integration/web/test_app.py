@@ -1,4 +1,4 @@
-"""The subscriber-facing web app (SPEC §11.2), through Flask's test client on PostgreSQL
+"""The subscriber-facing web app (docs/web-and-security.md), through Flask's test client on PostgreSQL
 and SQLite: what each request changes, what it shows, and what it refuses."""
 from __future__ import annotations
 

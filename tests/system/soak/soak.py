@@ -74,7 +74,7 @@ REGIONS = ("NL", "DE", "FR", "GB", "NO")
 FAULTS = ("worker_kill", "pool_child_kill", "redis_restart", "pg_terminate", "pg_outage", "second_beat", "double_publish",
           "smtp_451_burst", "smtp_550", "smtp_slow_data", "tg_429", "tg_403", "tg_5xx", "runner", "unsubscribe")
 WORKERS = 2
-# SPEC §10: critical events skip the digest; a share of the users keep quiet hours that
+# docs/policy.md: critical events skip the digest; a share of the users keep quiet hours that
 # started just before the run and end part-way through it (held deliveries are released
 # while it runs, so it still drains); a share of the events tell stories in several
 # updates (collapse_key), so digests collapse them and queued instant ones are superseded.
@@ -364,7 +364,7 @@ def seed_users(stack: Stack, n: int) -> dict:
         conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (n,))
     emails = [u["email"] for u in users if u["email"]]
     chats = [u["telegram_chat_id"] for u in users if u["telegram_chat_id"]]
-    refused: dict[str, set[str]] = {"email": set(), "telegram": set()}  # gone destinations (SPEC §11.3)
+    refused: dict[str, set[str]] = {"email": set(), "telegram": set()}  # gone destinations (docs/policy.md)
     for address in rng.sample(emails, max(1, len(emails) // 40)):
         stack.smtp.reject_recipient(address, MAILBOX_UNAVAILABLE)
         refused["email"].add(address)
@@ -649,7 +649,7 @@ class Faults:
         self.record("runner")
 
     def unsubscribe(self) -> None:
-        """A one-click POST racing the senders, for a user who gets email (SPEC §11.2);
+        """A one-click POST racing the senders, for a user who gets email (docs/web-and-security.md);
         soak_check then finds nothing arrived for them after the 200."""
         u, p = m.users, m.user_alert_prefs
         done = {user for user, _, _ in self.unsubscribes}
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             "superseded": c["instant_superseded"], "held_by_quiet_hours": c["instant_held_by_quiet_hours"],
         }
         for text in report.excused:
-            log(f"crash-window duplicate (SPEC 2.7): {text}")
+            log(f"crash-window duplicate (the one duplicate window: docs/architecture.md): {text}")
         for v in report.violations[:25]:
             log(f"VIOLATION {v.kind}: {v.detail}")
         if len(report.violations) > 25:

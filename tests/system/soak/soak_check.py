@@ -1,13 +1,13 @@
 """The soak's end-of-run invariant check (tests/system/soak/soak.py): the database, the messages the
 fake SMTP server and the fake Telegram API received, and the fault log, checked against
-SPEC §2.
+docs/architecture.md.
 
-Destination health (SPEC §11.3): a block only for a destination the fake really refuses,
+Destination health (docs/policy.md): a block only for a destination the fake really refuses,
 every ``destination_disabled`` skip backed by its block, and no provider request to a
 blocked address later than ``IN_FLIGHT_SECONDS`` after the block was committed.
 
 Every problem found is a ``Violation`` (kind, detail). Duplicates are counted per
-(channel, recipient, event); a duplicate is excused only as the crash window SPEC §2.7
+(channel, recipient, event); a duplicate is excused only as the crash window docs/architecture.md
 allows — a worker was SIGKILLed within ``CRASH_WINDOW`` seconds after the provider
 accepted the first copy — and is then reported as ``crash_window`` instead.
 """
@@ -109,7 +109,7 @@ def check(conn, produced: dict[str, bool], arrivals: list[Arrival], faults: list
     """``produced``: every event_key a producer sent → whether it is a valid event.
     ``unsubscribes``: (user, channel, time.time() of the POST's 200) of one-click unsubscribes.
     ``bypass_severity`` / ``quiet_bypass_severity``: the workers' ALERTS_DIGEST_BYPASS_SEVERITY
-    and ALERTS_QUIET_HOURS_BYPASS_SEVERITY (SPEC §10.2, §10.4)."""
+    and ALERTS_QUIET_HOURS_BYPASS_SEVERITY (docs/policy.md)."""
     r = Report()
     users = {u.id: u for u in conn.execute(sa.select(m.users))}
     prefs = conn.execute(sa.select(m.user_alert_prefs)).all()
@@ -292,7 +292,7 @@ def _check_deliveries(r: Report, deliveries, digests, digest_of) -> None:
 
 
 def _check_unsubscribes(r: Report, users, unsubscribed: dict, arrivals: list[Arrival]) -> None:
-    """Nothing reaches a destination after its unsubscribe's 200 (SPEC §11.2)."""
+    """Nothing reaches a destination after its unsubscribe's 200 (docs/web-and-security.md)."""
     address = {(u.id, "email"): (u.email or "").strip().lower() for u in users.values()}
     address.update({(u.id, "telegram"): (u.telegram_chat_id or "").strip() for u in users.values()})
     after: dict[tuple[str, str], float] = {(channel, address[(user, channel)]): at

@@ -1,4 +1,4 @@
-"""Quiet hours as pure functions: inside or not, and when the period ends (SPEC §10.4)."""
+"""Quiet hours as pure functions: inside or not, and when the period ends (docs/policy.md)."""
 from datetime import datetime, time, timezone
 from zoneinfo import ZoneInfo
 

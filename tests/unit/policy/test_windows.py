@@ -180,7 +180,7 @@ def test_windows_agree_with_postgresql_at_time_zone(pg_url, zone, period, sql):
     assert mismatches == []
 
 
-# --- daily windows ending at a send time (SPEC §10.1) ---------------------------------------
+# --- daily windows ending at a send time (docs/policy.md) ---------------------------------------
 
 SYDNEY = ZoneInfo("Australia/Sydney")
 M = timedelta(minutes=1)
