@@ -1,5 +1,5 @@
 """``alerts check``: is anything stuck, or silently going wrong? For monitors — an exit
-code, one line per kind of problem (SPEC §12.4, §13.5).
+code, one line per kind of problem (docs/operations.md).
 
 Stuck, each one query on a partial or status index:
 

@@ -3,14 +3,19 @@ kind of problem (SPEC §12.4)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from alerts.channels.registry import build_channels
 from alerts.cli import cli
+from alerts.core import tables as m
 from alerts.phases.pipeline import run_phases
 from tests.support.clock import clock_at
+from tests.support.fakes.fixtures import with_fakes
+from tests.support.fakes.smtp_server import FakeSmtpServer
 from tests.support.factories import WINDOW_END, add_delivery, add_digest, add_event, add_user
 
 NOW = WINDOW_END + timedelta(hours=1)
@@ -204,3 +209,28 @@ def test_a_critical_alert_skipped_for_want_of_smtp_makes_check_fail(db, db_url, 
 
     output = check(db_url).output
     assert output.startswith("unconfigured channels: 1 row(s)") and output.endswith("(email 1)\n")
+
+
+def test_a_wrong_smtp_password_leaves_the_queue_waiting_unblocked_and_check_names_it(db, db_url, settings):
+    """Before, 535 counted as permanent: every queued email failed at once."""
+    with FakeSmtpServer(users={"alerts": "right-password"}) as server:
+        smtp = replace(with_fakes(settings, server), smtp_user="alerts", smtp_password="wrong-password")
+        with db.transaction() as conn:
+            user = add_user(conn)
+            for _ in range(3):
+                add_delivery(conn, user, add_event(conn, status="fanned_out"), created_at=LATELY)
+        channels = build_channels(smtp)
+        try:
+            result = run_phases(db, ("c",), clock_at(NOW), smtp, channels)
+        finally:
+            channels.close()
+
+    assert result["c"]["instant"] == {"sent": 0, "retried": 3, "failed": 0, "skipped": 0}
+    with db.transaction() as conn:
+        rows = conn.execute(sa.select(m.user_alert_deliveries.c.status, m.user_alert_deliveries.c.last_error)).all()
+        blocks = conn.execute(sa.select(sa.func.count()).select_from(m.user_channel_blocks)).scalar_one()
+    assert {status for status, _ in rows} == {"queued"} and blocks == 0
+    assert all(error.startswith("credentials refused: smtp 535") for _, error in rows)
+    assert "wrong-password" not in " ".join(error for _, error in rows)
+    output = check(db_url).output
+    assert output.startswith("credentials refused: 3 row(s) created in the last 900s") and "(email 3)" in output
