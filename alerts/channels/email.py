@@ -46,7 +46,7 @@ _LINE_BREAK = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00]")
 _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 ftext
 # The renderer may add headers or replace the addressing ones, never the MIME structure.
 _STRUCTURE_HEADERS = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
-# SMTP 5xx answers to RCPT that say the mailbox itself is gone (SPEC §11.3).
+# SMTP 5xx answers to RCPT that say the mailbox itself is gone (docs/policy.md).
 RECIPIENT_GONE_CODES = frozenset({550, 551, 553})
 # Answers that refuse our credentials, not the message: authentication required (530),
 # mechanism too weak (534), credentials invalid (535), encryption required for it (538).

@@ -1,4 +1,4 @@
-"""Rendering: events and digests into the message each channel sends (SPEC §5).
+"""Rendering: events and digests into the message each channel sends (docs/policy.md).
 
 Channels never render; phases render with this package and hand the result over.
 """

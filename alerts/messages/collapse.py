@@ -1,4 +1,4 @@
-"""Digest items collapsed per story (SPEC §10.3): events of one digest that share a
+"""Digest items collapsed per story (docs/policy.md): events of one digest that share a
 ``collapse_key`` are one item — the newest event's fields (by created_at, then id),
 ``updates`` = how many events it stands for, ``ids`` = all their ids, oldest first.
 Events without a key are items of their own. Ordering, caps, Telegram fitting and the

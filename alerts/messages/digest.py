@@ -1,4 +1,4 @@
-"""A digest (many events of one window) as one email or one Telegram message (SPEC §5)."""
+"""A digest (many events of one window) as one email or one Telegram message (docs/policy.md)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""One event as an instant email, Telegram message or SMS (SPEC §5)."""
+"""One event as an instant email, Telegram message or SMS (docs/policy.md)."""
 from __future__ import annotations
 
 from datetime import timezone

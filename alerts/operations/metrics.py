@@ -122,7 +122,7 @@ def read_all(conn: Connection, now: datetime, lease_seconds: int) -> list[GaugeM
     """Every family, as of ``now``, in one read-only transaction of ``conn``."""
     if is_postgres(conn):
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}")
+        conn.execute(sa.select(sa.func.set_config("statement_timeout", str(SCRAPE_STATEMENT_TIMEOUT_MS), True)))
     return [family(conn, now, lease_seconds) for family in FAMILIES]
 
 

@@ -35,8 +35,10 @@ from alerts.channels.registry import ChannelSet
 from alerts.core.clock import Clock
 from alerts.core.settings import Settings
 from alerts.core.db import Database, is_postgres, retrying
+from alerts.phases.intake import created_at_inside
 from alerts.policy.windows import format_window_start, resolve_send_time, resolve_timezone, windows_between
 
+EVENT_TIME_OUT_OF_RANGE = "created_at: outside the range a digest window can hold"
 BUCKET_SECONDS = 3600  # windows of any zone start and end inside the UTC hours they overlap
 HOURLY_SEND_TIME = "00:00"  # hourly windows have no send time; one value keeps them one set
 
@@ -113,10 +115,21 @@ def _skip_unsupported(conn: Connection) -> None:
                  .values(status=m.SKIPPED, last_error=m.SMS_DIGEST_NOT_SUPPORTED))
 
 
+def _skip_out_of_range(conn: Connection) -> None:
+    """One event whose time no window can hold (fanned out before intake refused such
+    times, or written by other means) must not stop every digest: its pending deliveries
+    are skipped, naming the field."""
+    d, e = m.user_alert_deliveries, m.alert_events
+    outside = sa.exists().where(e.c.id == d.c.alert_event_id, sa.not_(created_at_inside(conn)))
+    conn.execute(sa.update(d).where(*_pending_digest_deliveries(d), outside)
+                 .values(status=m.SKIPPED, last_error=EVENT_TIME_OUT_OF_RANGE))
+
+
 def _build(conn: Connection, now: datetime, settings: Settings) -> dict:
     counts = {"digests_created": 0, "digest_items_attached": 0, "deliveries_marked_batched": 0}
     if not _any_pending(conn):
         return counts  # the usual cron tick: one index probe, no scratch tables
+    _skip_out_of_range(conn)
     for table in _SCRATCH_TABLES:
         table.create(conn)
     if _collect_pending(conn, settings):

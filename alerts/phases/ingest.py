@@ -4,7 +4,7 @@ Celery task ``alerts.ingest_event``).
 Ingest checks only what it takes to store a row: a JSON object with known keys and
 values of the right JSON type. Whether the values make a good event (a title, severity
 1..5, a safe url) is Phase A's call: such events are stored and then rejected with a
-reason, so nothing a producer sent is lost (SPEC §3, §4 A). A repeated ``event_key`` —
+reason, so nothing a producer sent is lost (docs/intake.md). A repeated ``event_key`` —
 in the same file or already stored — is a no-op: the first row wins.
 
 Size is the one thing ingest bounds itself: a line (or a single event) over
@@ -28,7 +28,7 @@ from alerts.core import tables as m
 from alerts.core.db import Database
 
 BATCH_SIZE = 1000  # lines per transaction: a huge file streams, a crash keeps what was committed
-# SPEC sets no size; an event is a title (≤ 500 chars), a summary (≤ 2000), a url and a
+# No size is promised; an event is a title (≤ 500 chars), a summary (≤ 2000), a url and a
 # small payload, so 64 KiB is generous and still keeps a batch well under 100 MB.
 MAX_EVENT_BYTES = 64 * 1024
 _SKIP_CHUNK = 1024 * 1024  # how much of an oversized line is read (and dropped) at a time

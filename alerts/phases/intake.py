@@ -1,4 +1,4 @@
-"""Phase A — intake: validate and normalise new events (SPEC §4 A).
+"""Phase A — intake: validate and normalise new events (docs/intake.md).
 
 Every ``new`` event becomes ``ready`` or ``rejected`` with a reason naming the field.
 The rules live in one pure function, ``validate_event``, so they are tested as a table
@@ -282,6 +282,16 @@ def _judged_columns(conn: Connection) -> list[sa.ColumnElement]:
             *_created_at_judged(conn)]
 
 
+def created_at_inside(conn: Connection) -> sa.ColumnElement:
+    """The event's created_at lies in the accepted range, as the database judges it."""
+    e = m.alert_events
+    if is_postgres(conn):
+        return sa.and_(e.c.created_at >= CREATED_AT_FROM, e.c.created_at < CREATED_AT_UNTIL)
+    utc_text = sa.func.datetime(e.c.created_at, type_=sa.Text)
+    return sa.and_(utc_text >= f"{CREATED_AT_FROM:%Y-%m-%d %H:%M:%S}",
+                   utc_text < f"{CREATED_AT_UNTIL:%Y-%m-%d %H:%M:%S}")
+
+
 def _created_at_judged(conn: Connection) -> list[sa.ColumnElement]:
     """Whether created_at lies in the accepted range, and its text: judged by the
     database, which compares ``infinity`` and year 10000 correctly, where the driver would
@@ -289,12 +299,7 @@ def _created_at_judged(conn: Connection) -> list[sa.ColumnElement]:
     second (cut, not rounded, so the bounds stay exact), and is NULL — out of range — for
     text that is no time at all."""
     e = m.alert_events
-    if is_postgres(conn):
-        inside = sa.and_(e.c.created_at >= CREATED_AT_FROM, e.c.created_at < CREATED_AT_UNTIL)
-    else:
-        utc_text = sa.func.datetime(e.c.created_at, type_=sa.Text)
-        inside = sa.and_(utc_text >= f"{CREATED_AT_FROM:%Y-%m-%d %H:%M:%S}",
-                         utc_text < f"{CREATED_AT_UNTIL:%Y-%m-%d %H:%M:%S}")
+    inside = created_at_inside(conn)
     return [sa.case((inside, True), else_=False).label("created_at_in_range"),
             sa.cast(e.c.created_at, sa.Text).label("created_at_text")]
 
@@ -324,7 +329,7 @@ def _apply(conn: Connection) -> tuple[int, int]:
     return accepted, rejected
 
 
-# --- one event (the event-driven path, SPEC §12.1) -----------------------------------------
+# --- one event (the event-driven path, docs/deployment.md) -----------------------------------------
 
 def intake_event(conn: Connection, event_id: int) -> str | None:
     """Judge one event if it is still ``new``: its new status (``ready`` or ``rejected``),

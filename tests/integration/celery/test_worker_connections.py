@@ -24,7 +24,8 @@ def admin(conn):
     """The test's own autocommit connection, outside the worker, with an empty probe table."""
     conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS probe (n integer)")
     conn.exec_driver_sql("TRUNCATE probe")
-    return conn
+    yield conn
+    conn.exec_driver_sql("DROP TABLE IF EXISTS probe")  # the schema test compares every table
 
 
 @pytest.fixture

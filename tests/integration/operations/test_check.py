@@ -1,5 +1,5 @@
 """``alerts check``: exit 0 and ``ok`` when nothing is stuck, else exit 1 and one line per
-kind of problem (SPEC §12.4)."""
+kind of problem (docs/operations.md)."""
 from __future__ import annotations
 
 import json

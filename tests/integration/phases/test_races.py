@@ -194,3 +194,26 @@ def test_a_phase_b_with_its_lock_skips_nothing_it_should_not(engine):
     d = m.user_alert_deliveries
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(d.c.alert_event_id).where(d.c.status == "queued")).scalars()) == events
+
+
+# --- one event no window can hold ---------------------------------------------------------------
+
+def test_a_digest_delivery_of_an_event_at_infinity_is_skipped_and_the_others_are_built(engine):
+    """Fanned out before intake refused such times: it must not stop Phase D for everyone."""
+    with engine.begin() as conn:
+        user = add_user(conn)
+        good = add_delivery(conn, user, add_event(conn, status="fanned_out", created_at=IN_WINDOW),
+                            delivery_kind="digest")
+        bad_event = add_event(conn, status="fanned_out")
+        conn.execute(sa.update(m.alert_events).where(m.alert_events.c.id == bad_event)
+                     .values(created_at=sa.literal_column("'infinity'::timestamptz")))
+        bad = add_delivery(conn, user, bad_event, delivery_kind="digest")
+
+    counts = run_phase_d(Database(engine), clock_at(WINDOW_END), Settings(), NO_CHANNELS)
+
+    assert counts["digest_items_attached"] == 1
+    d = m.user_alert_deliveries
+    with engine.connect() as conn:
+        rows = dict(conn.execute(sa.select(d.c.id, d.c.last_error)).all())
+    assert rows[good] == m.BATCHED_INTO_DIGEST
+    assert rows[bad].startswith("created_at: ")

@@ -1,4 +1,4 @@
-"""Digest items collapsed per collapse_key (SPEC §10.3), in email and Telegram: one item
+"""Digest items collapsed per collapse_key (docs/policy.md), in email and Telegram: one item
 per story with the newest event's fields, "N updates" and every event id; ordering, the
 50-item cap, Telegram fitting and the subject count work on items."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Digest messages: many events of one window as one email or one Telegram message (SPEC §5)."""
+"""Digest messages: many events of one window as one email or one Telegram message (docs/policy.md)."""
 from __future__ import annotations
 
 import random

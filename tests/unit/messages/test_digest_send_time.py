@@ -1,4 +1,4 @@
-"""Digest messages for windows that end at a send time (SPEC §10.1): the header names both
+"""Digest messages for windows that end at a send time (docs/policy.md): the header names both
 bounds when the send time is not midnight, the subject the local date of the start."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Instant messages: one event as email, Telegram HTML or SMS (SPEC §5)."""
+"""Instant messages: one event as email, Telegram HTML or SMS (docs/policy.md)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
