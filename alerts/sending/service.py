@@ -108,7 +108,7 @@ def send_claimed(db: Database, outbox: Outbox, clock: Clock, settings: Settings,
             if n and not job.skip_reason:  # loaded earlier in the batch: ask again
                 job.skip_reason = gone.get(_destination(job)) or retrying(
                     lambda: _recheck(db, outbox, job), f"rechecking {outbox.name} {job.id}")
-            if (deferred := _ask_limiter(job, channels, slot, sleep)) is not None:
+            if (deferred := _ask_limiter(job, channels, slot, sleep, _may_sleep(clock, give_back_at))) is not None:
                 until = clock.now() + timedelta(seconds=deferred.wait)
                 untouched = n + 1
                 if sleep is None:  # a task re-schedules itself: hold its mark, not the row
@@ -165,10 +165,21 @@ def _recheck(db: Database, outbox: Outbox, job: Job) -> str | None:
     return db.run(lambda conn: outbox.recheck(conn, job))
 
 
+def _may_sleep(clock: Clock, give_back_at) -> float:
+    """How long a batch may still wait for the Telegram limit: never past half the lease
+    (a claim slept on longer could be recovered by another process and sent twice), nor
+    past the run's time limit."""
+    left = (give_back_at - clock.now()).total_seconds()
+    if clock.limit_seconds is not None:
+        left = min(left, clock.limit_seconds - clock.elapsed())
+    return max(left, 0.0)
+
+
 def _ask_limiter(job: Job, channels: ChannelSet, slot: str | None,
-                 sleep: Callable[[float], None] | None) -> Deferred | None:
-    """None when the job may go now (waiting here first, when we can sleep); else how
-    long it must wait. Only a Telegram message that will really be sent asks."""
+                 sleep: Callable[[float], None] | None, may_sleep: float) -> Deferred | None:
+    """None when the job may go now (waiting here first, when we can sleep and the wait
+    fits in ``may_sleep`` seconds); else how long it must wait. Only a Telegram message
+    that will really be sent asks."""
     limiter = channels.limiter
     if limiter is None or job.channel != "telegram" or job.message is None or job.skip_reason or slot == BOTH_SLOTS:
         return None
@@ -178,9 +189,10 @@ def _ask_limiter(job: Job, channels: ChannelSet, slot: str | None,
         if permit.wait <= 0 and permit.go:
             return None
         held = BOTH_SLOTS if permit.go else CHAT_SLOT if permit.chat_held else None
-        if sleep is None or held is None:  # nothing booked (a wait past max_reserve): ask again later
+        if sleep is None or held is None or permit.wait > may_sleep:  # ask again later
             return Deferred(min(permit.wait, MAX_COUNTDOWN_SECONDS), held)
         sleep(permit.wait)
+        may_sleep -= permit.wait
         if permit.go:
             return None
         chat_held = True

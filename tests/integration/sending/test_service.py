@@ -231,3 +231,32 @@ def test_the_local_limiter_keeps_thirty_a_second_overall():
 
     assert sum(1 for p in granted if p.go and p.wait == 0) == 5  # the burst, then 25/s
     assert max(p.wait for p in granted) <= 2.5
+
+
+def test_the_runner_never_sleeps_on_a_claim_past_half_its_lease(engine, monkeypatch):
+    """A claim slept on past the lease could be recovered by a worker and sent twice (the
+    soak caught it): a wait for the Telegram limit longer than the half lease left gives
+    the row back, due when its slot comes, instead."""
+    (row,) = seed(engine, channel="telegram")
+    ms = [0]
+    limiter = LocalLimiter(clock_ms=lambda: ms[0])
+    for _ in range(5):  # the chat's next five seconds are booked by the workers
+        limiter.acquire("4200", max_reserve=60)
+    channel = Scripted()
+    channel.name = "telegram"
+    settings = replace(Settings(), sending_lease_seconds=4)
+    slept: list[float] = []
+
+    import alerts.phases.send
+
+    monkeypatch.setattr(alerts.phases.send.time, "sleep", slept.append)
+    counts = send_due(Database(engine), INSTANT, clock_at(NOW), settings,
+                      ChannelSet({"telegram": channel}, limiter=limiter))
+
+    assert counts.sent == 0 and channel.sent == [] and slept == []
+    d = m.user_alert_deliveries
+    with engine.connect() as conn:
+        status, attempts, due = conn.execute(sa.select(d.c.status, d.c.attempts, d.c.next_retry_at)
+                                             .where(d.c.id == row)).one()
+    assert (status, attempts) == ("queued", 0)
+    assert timedelta(seconds=4) < due - NOW < timedelta(seconds=7)
