@@ -1,5 +1,5 @@
-"""What destination health (docs/policy.md, "Blocked destinations") costs Phase C: the block join in the load, and
-recording a block.
+"""What destination health (docs/policy.md, "Blocked destinations") costs Phase C: the
+block join in the load, and recording a block.
 
     python bench/bench_blocks.py [--users 20000] [--blocked 0.05] [--rounds 5]
 
@@ -10,10 +10,12 @@ best of ``--rounds``:
 1. the load statement Phase C runs for each claimed batch (``ALERTS_SEND_BATCH_SIZE``,
    200), over every row, as it is (with the LEFT JOIN on ``user_channel_blocks``) and
    as it was before (the same statement without the join): milliseconds per batch;
-2. ``blocks.record`` for a user with ``--queued`` queued rows on the channel (upsert +
-   the skips), in a rolled-back transaction: milliseconds per block.
+2. recording a block as the send path does for a destination found gone, for a user
+   with ``--queued`` queued rows on the channel (``blocks.record``'s upsert and
+   ``outbox.skip_queued``), in a rolled-back transaction: milliseconds per block.
 
 Prints JSON; it also checks that the load skips exactly the blocked users' rows.
+Results: bench/results/blocks-<date>.json.
 """
 from __future__ import annotations
 
@@ -28,14 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa  # noqa: E402
 
-from alerts.sending import blocks
 from alerts.core import tables as m  # noqa: E402
 from alerts.core.db import make_engine  # noqa: E402
+from alerts.sending import blocks, outbox  # noqa: E402
 from alerts.sending.outbox import EVENT_KEYS, INSTANT, _user_columns  # noqa: E402
 from bench._common import create_database, drop_database, write_results  # noqa: E402
 
 BATCH = 200
 NOW = datetime(2026, 5, 12, 12, 0, tzinfo=timezone.utc)
+REASON = "smtp 550 5.1.1 user unknown"
 
 
 def seed(conn, users: int, blocked: float, queued: int) -> None:
@@ -81,7 +84,12 @@ def time_record(engine, users: int, queued: int, rounds: int) -> float:
         with engine.connect() as conn:
             trans = conn.begin()
             started = time.perf_counter()
-            skipped = blocks.record(conn, 1, "email", "u1@bench.test", "smtp 550 5.1.1 user unknown", NOW)
+            # What the send path does for a destination found gone: the block, and the
+            # user's other queued rows on the channel skipped (alerts/sending/service.py).
+            blocks.record(conn, 1, "email", "u1@bench.test", REASON, NOW)
+            skipped = sum(outbox.skip_queued(conn, 1, "email", m.destination_disabled(REASON),
+                                             blocks.address_unchanged(1, "email", "u1@bench.test"),
+                                             digest_deliveries=False).values())
             best = min(best, time.perf_counter() - started)
             trans.rollback()
             assert skipped == queued, skipped

@@ -12,8 +12,8 @@ this process's CPU time (``time.process_time``) inside each step:
 - render: ``render_digest`` (Jinja2), called by the load;
 - mime: ``build_mime`` to bytes, what the email channel hands to smtplib;
 - record: ``DIGESTS.record``, the UPDATE of the outcome;
-- transactions: the rest of ``send_one`` — the two pool checkouts with their pre-pings,
-  BEGIN and COMMIT of both transactions, and the send path's own bookkeeping.
+- rest: the rest of ``send_one`` — the connections it takes from the pool for its
+  statements (and whatever transactions it opens) and the send path's own bookkeeping.
 
 It prints the milliseconds of CPU per digest of each step and their total, and
 ``python_speed_us`` (how fast the machine runs Python that hour). The latency
@@ -47,7 +47,7 @@ from alerts.sending.service import send_one  # noqa: E402
 from bench._common import create_database, drop_database, python_speed_us, smtp_settings, write_results  # noqa: E402
 from bench.bench_celery import seed  # noqa: E402
 
-STEPS = ("claim", "load", "render", "mime", "record", "transactions")
+STEPS = ("claim", "load", "render", "mime", "record", "rest")
 
 
 class MimeOnlyEmail(Channel):
@@ -89,10 +89,10 @@ def measure(url: str) -> tuple[dict[str, float], int]:
         for row_id in ids:
             start = time.process_time()
             sent += send_one(db, DIGESTS, row_id, clock, settings, channels).status == "sent"
-            spent["transactions"] += time.process_time() - start
+            spent["rest"] += time.process_time() - start
     db.engine.dispose()
     spent["load"] -= spent["render"]  # the load renders
-    spent["transactions"] -= sum(spent[step] for step in STEPS[:-1])
+    spent["rest"] -= sum(spent[step] for step in STEPS[:-1])
     return spent, sent
 
 
