@@ -9,6 +9,7 @@ half of them at a moment one of their rows is in flight (``sending``), so the PO
 to wait for that send's outcome before it may answer."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,10 @@ def sent_rows(engine) -> dict[tuple[str, int], int]:
     return out
 
 
+# <alert-delivery-ID.INSTALLATION@domain>
+DELIVERY_ID = re.compile(r"<alert-delivery-(\d+)\.")
+
+
 def received_rows(engine, mails) -> dict[tuple[str, int], float]:
     """(table, row id) -> arrival time of each message received; fails on a duplicate."""
     with engine.connect() as conn:
@@ -84,7 +89,7 @@ def received_rows(engine, mails) -> dict[tuple[str, int], float]:
         if message["X-Alerts-Digest-Key"]:
             key = ("user_alert_digests", digest_of_key[message["X-Alerts-Digest-Key"]])
         else:
-            key = ("user_alert_deliveries", int(message["Message-ID"].split("-")[2].split("@")[0]))
+            key = ("user_alert_deliveries", int(DELIVERY_ID.search(message["Message-ID"]).group(1)))
         assert key not in out, f"{key} sent twice"
         out[key] = mail.received_at
     return out
