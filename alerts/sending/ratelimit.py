@@ -135,6 +135,24 @@ class Limiter(Protocol):
     def acquire(self, chat_id: str | int, *, chat_held: bool = False, max_reserve: float = 60.0) -> Permit: ...
 
 
+def take_slot(limiter: Limiter, chat_id: str | int, *, sleep: Callable[[float], None] | None, may_sleep: float,
+              max_reserve: float, chat_held: bool = False) -> Permit | None:
+    """Book a send slot for the chat, sleeping (``sleep``) until it comes when the waits fit
+    in ``may_sleep`` seconds. None once the send may go; else the last answer, for a caller
+    that must wait longer, or cannot sleep (``sleep`` None): what it booked is in it."""
+    while True:
+        permit = limiter.acquire(chat_id, chat_held=chat_held, max_reserve=max_reserve)
+        if permit.go and permit.wait <= 0:
+            return None
+        if sleep is None or not (permit.go or permit.chat_held) or permit.wait > may_sleep:
+            return permit
+        sleep(permit.wait)
+        may_sleep -= permit.wait
+        if permit.go:
+            return None
+        chat_held = True
+
+
 class LocalLimiter:
     """``TelegramLimiter``'s algorithm in this process's memory: the limit of a runner that
     has no Redis to share it in. Same answers, same bookings; thread-safe."""

@@ -55,6 +55,7 @@ from alerts.core.settings import MAX_COUNTDOWN_SECONDS, Settings
 from alerts.sending import blocks, retry
 from alerts.sending import outbox as ob
 from alerts.sending.outbox import Job, Outbox
+from alerts.sending.ratelimit import take_slot
 
 log = logging.getLogger(__name__)
 
@@ -183,19 +184,12 @@ def _ask_limiter(job: Job, channels: ChannelSet, slot: str | None,
     limiter = channels.limiter
     if limiter is None or job.channel != "telegram" or job.message is None or job.skip_reason or slot == BOTH_SLOTS:
         return None
-    chat_held = slot == CHAT_SLOT
-    while True:
-        permit = limiter.acquire(job.recipient, chat_held=chat_held, max_reserve=MAX_COUNTDOWN_SECONDS)
-        if permit.wait <= 0 and permit.go:
-            return None
-        held = BOTH_SLOTS if permit.go else CHAT_SLOT if permit.chat_held else None
-        if sleep is None or held is None or permit.wait > may_sleep:  # ask again later
-            return Deferred(min(permit.wait, MAX_COUNTDOWN_SECONDS), held)
-        sleep(permit.wait)
-        may_sleep -= permit.wait
-        if permit.go:
-            return None
-        chat_held = True
+    permit = take_slot(limiter, job.recipient, chat_held=slot == CHAT_SLOT, sleep=sleep, may_sleep=may_sleep,
+                       max_reserve=MAX_COUNTDOWN_SECONDS)
+    if permit is None:
+        return None
+    held = BOTH_SLOTS if permit.go else CHAT_SLOT if permit.chat_held else None
+    return Deferred(min(permit.wait, MAX_COUNTDOWN_SECONDS), held)
 
 
 def _record(db: Database, outbox: Outbox, job: Job, outcome: retry.Outcome, clock: Clock) -> None:

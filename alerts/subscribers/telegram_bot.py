@@ -52,6 +52,7 @@ from alerts.core.tokens import preferences_url
 from alerts.messages import TextMessage
 from alerts.sending import blocks
 from alerts.sending.outbox import skip_queued
+from alerts.sending.ratelimit import take_slot
 from alerts.subscribers import unsubscribe as unsub
 
 log = logging.getLogger(__name__)
@@ -384,7 +385,8 @@ def deliver(engine: Engine, channel: Channel | None, reply: Reply, now: datetime
         log.warning("telegram reply not sent: the Telegram channel is not configured")
         return "not configured"
     chat_id = reply.chat_id
-    if limiter is not None and not _slot(limiter, chat_id, sleep):
+    if limiter is not None and take_slot(limiter, chat_id, sleep=sleep, may_sleep=REPLY_MAX_WAIT_SECONDS,
+                                         max_reserve=REPLY_MAX_WAIT_SECONDS) is not None:
         log.warning("telegram reply not sent: the chat's rate limit is booked for longer than %ss",
                     REPLY_MAX_WAIT_SECONDS)
         return "rate limited"
@@ -405,21 +407,6 @@ def deliver(engine: Engine, channel: Channel | None, reply: Reply, now: datetime
                         "gone" if exc.gone else "permanent" if exc.permanent else "transient", exc.reason)
             return "failed"
     return "failed"
-
-
-def _slot(limiter, chat_id: str, sleep) -> bool:
-    """Book a send slot for the chat, sleeping until it comes; False past the longest wait."""
-    chat_held = False
-    while True:
-        permit = limiter.acquire(chat_id, chat_held=chat_held, max_reserve=REPLY_MAX_WAIT_SECONDS)
-        if permit.go and permit.wait <= 0:
-            return True
-        if permit.wait > REPLY_MAX_WAIT_SECONDS or not (permit.go or permit.chat_held):
-            return False
-        sleep(permit.wait)
-        if permit.go:
-            return True
-        chat_held = True
 
 
 # --- registering the webhook --------------------------------------------------------------
